@@ -1,0 +1,72 @@
+"""Stable Diffusion 3 / 3.5 adapter.
+
+Text: CLIP-L and CLIP-G penultimate states (77 tokens each) concatenated and zero-padded to
+T5's width, then T5 states (max_sequence_length tokens) appended on the sequence axis; pooled
+= the two CLIPs' projected pooled outputs concatenated. diffusers' `encode_prompt` implements
+exactly this, so we call it. Latents are VAE latents (16 channels, /8); decoding undoes the
+VAE's scaling and shift factors. The transformer takes 1000·sigma as its timestep.
+"""
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from common.models.base import ModelAdapter, PromptEmbeds
+
+
+class SD3Adapter(ModelAdapter):
+    name = "sd3"
+    lora_rank, lora_alpha = 32, 64
+    default_resolution = 512
+    max_sequence_length = 128  # T5 tokens, as the published Flow-GRPO recipes train with
+
+    def __init__(self, pipeline: StableDiffusion3Pipeline, device="cpu", dtype=torch.float32):
+        self.pipeline = pipeline
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.scheduler_config = dict(pipeline.scheduler.config)
+        self.device, self.dtype = torch.device(device), dtype
+        self._negative = None
+
+    @classmethod
+    def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
+        if pretrained is None:
+            raise ValueError("--pretrained is required for sd3 (a hub id such as "
+                             "stabilityai/stable-diffusion-3.5-medium, or a local pipeline directory)")
+        pipeline = StableDiffusion3Pipeline.from_pretrained(pretrained, dtype=dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        # text encoders and transformer in the training dtype; the VAE decodes in fp32
+        pipeline.to(device)
+        if dtype != torch.float32:
+            pipeline.vae.to(dtype=torch.float32)
+        for module in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3, pipeline.vae):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        pipeline.transformer.eval()
+        return cls(pipeline, device, dtype)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts) -> PromptEmbeds:
+        hidden, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return PromptEmbeds(hidden.to(self.dtype), pooled.to(self.dtype))
+
+    def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
+        return self.transformer(hidden_states=latents, timestep=sigma * 1000,
+                                encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled,
+                                return_dict=False)[0]
+
+    def decode(self, latents):
+        config = self.vae.config
+        latents = latents.float() / config.scaling_factor + config.shift_factor
+        images = self.vae.decode(latents, return_dict=False)[0]
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    def latent_shape(self, batch, resolution=None):
+        resolution = resolution or self.default_resolution
+        factor = self.pipeline.vae_scale_factor
+        return (batch, self.transformer.config.in_channels, resolution // factor, resolution // factor)
+
+    def image_seq_len(self, resolution=None):
+        resolution = resolution or self.default_resolution
+        return (resolution // self.pipeline.vae_scale_factor // self.transformer.config.patch_size) ** 2

@@ -1,0 +1,57 @@
+"""The toy world's adapter (`--model toy`): the embedded base model, loaded offline.
+
+Same interface and the same `SD3Transformer2DModel` class as the sd3 adapter, but the
+"latent" is the 3x32x32 image in [-1, 1] and the text encoder is the tiny word-level one of
+`common.toy.model`. Without `--pretrained` it loads the committed weights in
+`common/toy/weights/` (see the card there).
+"""
+
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from common.models.base import ModelAdapter, PromptEmbeds
+from common.toy.model import SCHEDULER_CONFIG, ToyTextEncoder, WordTokenizer, latents_to_images
+from common.toy.world import IMAGE_SIZE
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "toy" / "weights"
+
+
+class ToyAdapter(ModelAdapter):
+    name = "toy"
+    lora_rank, lora_alpha = 16, 32
+    default_resolution = IMAGE_SIZE
+
+    def __init__(self, transformer, text_encoder, device="cpu", dtype=torch.float32):
+        self.transformer, self.text_encoder = transformer, text_encoder
+        self.tokenizer = WordTokenizer()
+        self.scheduler_config = dict(SCHEDULER_CONFIG)
+        self.device, self.dtype = torch.device(device), dtype
+        self._negative = None
+
+    @classmethod
+    def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
+        directory = Path(pretrained) if pretrained else WEIGHTS_DIR
+        if not (directory / "transformer").is_dir():
+            raise FileNotFoundError(f"no toy model in {directory} (expected transformer/ and text_encoder/; "
+                                    "create one with `python -m common.toy.pretrain`)")
+        transformer = SD3Transformer2DModel.from_pretrained(directory / "transformer", dtype=dtype).to(device).eval()
+        text_encoder = ToyTextEncoder.from_pretrained(directory / "text_encoder").to(device).requires_grad_(False)
+        return cls(transformer, text_encoder, device, dtype)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts) -> PromptEmbeds:
+        hidden, pooled = self.text_encoder(self.tokenizer(list(prompts)).to(self.device))
+        return PromptEmbeds(hidden.to(self.dtype), pooled.to(self.dtype))
+
+    def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
+        return self.transformer(hidden_states=latents, timestep=sigma * 1000,
+                                encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled,
+                                return_dict=False)[0]
+
+    def decode(self, latents):
+        return latents_to_images(latents)
+
+    def latent_shape(self, batch, resolution=None):
+        return (batch, 3, IMAGE_SIZE, IMAGE_SIZE)

@@ -1,0 +1,125 @@
+"""Pretrain the toy world's base model: `python -m common.toy.pretrain`.
+
+Rectified-flow matching on rendered scenes of the *train* split's prompts only (test prompts
+stay unseen, so test accuracy measures compositional generalisation): x_s = (1 - s)·x0 + s·eps,
+target v = eps - x0, s ~ logit-normal(0, 1) as in SD3, 10 % caption dropout for CFG. The text
+encoder trains jointly. AdamW with warm-up and cosine decay; a snapshot every `save_every` steps
+so the base can be chosen by its accuracy (see `common/toy/weights/README.md`).
+"""
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+from common.toy.model import ToyTextEncoder, WordTokenizer, build_transformer, images_to_latents
+from common.toy.world import TAGS, render_prompt, split_prompts
+
+
+@dataclass
+class Args:
+    output_dir: str = "runs/toy_pretrain"
+    """where snapshots (`step_XXXXXX/`) and `log.jsonl` go"""
+    steps: int = 9000
+    """optimizer steps (the cosine schedule spans exactly these)"""
+    batch_size: int = 64
+    lr: float = 6e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    caption_dropout: float = 0.1
+    """probability of training on the empty prompt (makes classifier-free guidance possible)"""
+    seed: int = 0
+    save_every: int = 1000
+    max_minutes: float = 60.0
+    """stop early (after saving) if the wall-clock budget runs out"""
+    threads: int = 2
+
+
+def sample_batch(train_by_tag, batch_size, rng):
+    """Rendered images (B, 3, 32, 32) and prompts; tags are drawn uniformly, then prompts."""
+    metas = []
+    for _ in range(batch_size):
+        prompts = train_by_tag[TAGS[rng.integers(len(TAGS))]]
+        metas.append(prompts[rng.integers(len(prompts))])
+    images = np.stack([render_prompt(meta, rng) for meta in metas])
+    return torch.from_numpy(images), [meta["prompt"] for meta in metas]
+
+
+def flow_matching_loss(transformer, text_encoder, tokenizer, images, prompts, generator, caption_dropout):
+    x0 = images_to_latents(images)
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
+    drop = torch.rand(x0.shape[0], generator=generator) < caption_dropout
+    prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+    hidden, pooled = text_encoder(tokenizer(prompts))
+    x_sigma = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+    prediction = transformer(x_sigma, hidden, pooled, sigma * 1000, return_dict=False)[0]
+    return ((prediction - (noise - x0)) ** 2).mean()
+
+
+def save_snapshot(directory, transformer, text_encoder, meta):
+    tmp = Path(str(directory) + ".tmp")
+    transformer.save_pretrained(tmp / "transformer")
+    text_encoder.save_pretrained(tmp / "text_encoder")
+    (tmp / "pretrain.json").write_text(json.dumps(meta, indent=2))
+    tmp.rename(directory)
+
+
+def main(args: Args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    train, _ = split_prompts()
+    train_by_tag = {tag: [m for m in train if m["tag"] == tag] for tag in TAGS}
+    transformer, text_encoder, tokenizer = build_transformer(args.seed), ToyTextEncoder(), WordTokenizer()
+    transformer.train()
+    text_encoder.train()
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+    def lr_at(step):
+        if step < args.warmup_steps:
+            return args.lr * (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.jsonl", "a")
+    start, running = time.time(), []
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        images, prompts = sample_batch(train_by_tag, args.batch_size, rng)
+        loss = flow_matching_loss(transformer, text_encoder, tokenizer, images, prompts, generator,
+                                  args.caption_dropout)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        running.append(loss.item())
+        elapsed = (time.time() - start) / 60
+        done = step + 1 == args.steps or elapsed > args.max_minutes
+        if (step + 1) % 100 == 0 or done:
+            record = dict(step=step + 1, loss=float(np.mean(running)), lr=lr_at(step), minutes=round(elapsed, 2))
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(record, flush=True)
+            running = []
+        if (step + 1) % args.save_every == 0 or done:
+            meta = dict(vars(args), steps_done=step + 1, minutes=round(elapsed, 2))
+            transformer.eval(), text_encoder.eval()
+            save_snapshot(out / f"step_{step + 1:06d}", transformer, text_encoder, meta)
+            transformer.train(), text_encoder.train()
+        if done:
+            break
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
