@@ -6,6 +6,7 @@ start/end step so a trajectory can be branched mid-way. Initial noise is drawn o
 fp32 from one seeded generator per sample, so it is bit-stable across machines and ranks.
 """
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +32,12 @@ class Trajectory:
     def timesteps(self):
         """1000·sigma of each stored transition (the SD3 time convention)."""
         return self.sigmas[self.step_indices] * 1000
+
+
+def derive_seed(*parts):
+    """A stable 63-bit seed from any tuple of ints/strings (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
 
 
 def initial_latents(shape, seeds):
@@ -61,8 +68,6 @@ def rollout(adapter: ModelAdapter, embeds: PromptEmbeds, sigmas, latents, *, neg
     end_step = num_steps if end_step is None else end_step
     levels = noise_schedule(num_steps, noise_level, sde_window)
     batch = latents.shape[0]
-    if negative is not None and len(negative) == 1:
-        negative = negative.repeat(batch)
     x = latents.to(adapter.device, torch.float32)
     visited, log_probs, means, stds, trainable = [x], [], [], [], []
     for j in range(start_step, end_step):

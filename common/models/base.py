@@ -7,6 +7,7 @@ model means writing one subclass in one file and registering it in `common/model
 no algorithm file changes.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,41 @@ class ModelAdapter:
     scheduler_config: dict
     device = torch.device("cpu")
     dtype = torch.float32
+    # what `transformer_forward` calls: the transformer itself, or its distributed wrapper
+    # (set by `wrap`), or a frozen copy while `reference()` is active
+    _forward_module = None
+    frozen_base = None
+
+    @property
+    def forward_module(self):
+        return self._forward_module if self._forward_module is not None else self.transformer
+
+    def wrap(self, module):
+        """Route forwards through `module` (e.g. the DDP-wrapped transformer)."""
+        self._forward_module = module
+
+    def keep_frozen_copy(self):
+        """For full fine-tuning: keep a frozen copy of the base transformer for `reference()`."""
+        import copy
+
+        self.frozen_base = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+
+    @contextmanager
+    def reference(self):
+        """Forwards inside this block use the frozen base model: the LoRA adapters disabled
+        (on the unwrapped transformer, whatever wraps it), or the frozen copy when fully fine-tuning."""
+        if self.frozen_base is not None:
+            saved, self._forward_module = self._forward_module, self.frozen_base
+            try:
+                yield
+            finally:
+                self._forward_module = saved
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
 
     @classmethod
     def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
@@ -77,6 +113,8 @@ class ModelAdapter:
         latents = latents.to(self.dtype)
         sigma = sigma.to(latents.device).float().expand(latents.shape[0])
         if guidance > 1 and negative is not None:
+            if len(negative) == 1:
+                negative = negative.repeat(latents.shape[0])
             both = self.transformer_forward(torch.cat([latents, latents]), torch.cat([sigma, sigma]),
                                             PromptEmbeds.cat([negative, embeds]))
             uncond, cond = both.float().chunk(2)

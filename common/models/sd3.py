@@ -52,7 +52,7 @@ class SD3Adapter(ModelAdapter):
         return PromptEmbeds(hidden.to(self.dtype), pooled.to(self.dtype))
 
     def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
-        return self.transformer(hidden_states=latents, timestep=sigma * 1000,
+        return self.forward_module(hidden_states=latents, timestep=sigma * 1000,
                                 encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled,
                                 return_dict=False)[0]
 

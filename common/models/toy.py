@@ -46,7 +46,7 @@ class ToyAdapter(ModelAdapter):
         return PromptEmbeds(hidden.to(self.dtype), pooled.to(self.dtype))
 
     def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
-        return self.transformer(hidden_states=latents, timestep=sigma * 1000,
+        return self.forward_module(hidden_states=latents, timestep=sigma * 1000,
                                 encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled,
                                 return_dict=False)[0]
 

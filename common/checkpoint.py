@@ -1,0 +1,129 @@
+"""LoRA set-up, training checkpoints (atomic, rotated, resumable) and the final export.
+
+A checkpoint is one directory `checkpoint-XXXXXX/` holding `state.pt` (trainable weights,
+optimizer, EMA, RNG states, the epoch and anything else the algorithm passes) and a
+`COMPLETE` marker written last. It is written to a temporary name and renamed, so a crash
+mid-save leaves the previous checkpoint loadable; `latest` is the newest complete one.
+
+Export writes the LoRA in diffusers format (`pytorch_lora_weights.safetensors` with keys
+`transformer.*` and the LoraConfig in its metadata, loadable by `pipe.load_lora_weights`),
+the PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`), and on request the
+merged full transformer.
+"""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusion3Pipeline
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def add_lora(transformer, rank, alpha, target_modules, adapter_name="default", init="gaussian"):
+    """Add a peft LoRA adapter (base weights frozen); returns its config."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(target_modules))
+    transformer.add_adapter(config, adapter_name=adapter_name)
+    return config
+
+
+def trainable_state(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
+def checkpoint_dirs(output_dir):
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.glob(f"{CHECKPOINT_PREFIX}*") if (d / "COMPLETE").exists() and d.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(dirs, key=lambda d: int(d.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(resume, output_dir):
+    """`latest` -> newest complete checkpoint in output_dir (None if there is none), else a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        dirs = checkpoint_dirs(output_dir)
+        return dirs[-1] if dirs else None
+    path = Path(resume)
+    if not (path / "COMPLETE").exists():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (no COMPLETE marker)")
+    return path
+
+
+def save_checkpoint(output_dir, step, state, keep_last=3):
+    """Atomically write `state` (a dict of tensors / picklable values) and rotate old ones."""
+    root = Path(output_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / "state.pt")
+    (tmp / "COMPLETE").write_text("ok\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path):
+    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+
+
+def lora_state_dict(transformer, adapter_name="default"):
+    return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+
+
+def load_lora_state_dict(transformer, state, adapter_name="default"):
+    set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
+
+
+def _lora_config_dict(config: LoraConfig):
+    """LoraConfig as JSON-able data (it holds sets)."""
+    out = {}
+    for key, value in config.to_dict().items():
+        out[key] = sorted(value) if isinstance(value, set) else value
+    return out
+
+
+def export_lora(transformer, directory, adapter_name="default", merged=False):
+    """Diffusers-format LoRA + PEFT adapter (+ merged transformer) of the current weights."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = lora_state_dict(transformer, adapter_name)
+    config = transformer.peft_config[adapter_name]
+    # as is: no convert_state_dict_to_diffusers (it drops SD3's attention LoRAs silently), and
+    # the config in the metadata (without it, loading assumes lora_alpha == r)
+    StableDiffusion3Pipeline.save_lora_weights(directory / "diffusers", transformer_lora_layers=state,
+                                               transformer_lora_adapter_metadata=config.to_dict())
+    peft_dir = directory / "peft"
+    peft_dir.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(peft_dir / "adapter_model.safetensors"))
+    (peft_dir / "adapter_config.json").write_text(json.dumps(_lora_config_dict(config), indent=2))
+    if merged:
+        import copy
+
+        fused = copy.deepcopy(transformer)
+        fused.fuse_lora(adapter_names=[adapter_name])
+        fused.unload_lora()
+        fused.save_pretrained(directory / "merged_transformer")
+    return directory

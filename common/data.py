@@ -1,0 +1,107 @@
+"""Prompt data: named datasets (the toy splits), txt files and GenEval metadata jsonl files.
+
+Every loader returns a list of `Prompt`s (text + GenEval-style metadata, empty for txt),
+so rewards that need metadata (GenEval, the toy `shapes` reward) and those that don't read
+the same records. Problems are reported with the path and line before any model loads.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+TOY_DATA_DIR = Path(__file__).resolve().parent / "toy" / "data"
+DATASETS = {"toy": TOY_DATA_DIR}
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Prompt:
+    text: str
+    metadata: dict = field(default_factory=dict)
+
+
+def _read_txt(path):
+    prompts = [Prompt(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+    return prompts
+
+
+def _read_jsonl(path):
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{number}: each line must be a JSON object with a string 'prompt'")
+        prompts.append(Prompt(row["prompt"], row))
+    return prompts
+
+
+def _split_file(directory, split):
+    for name in (f"{split}_metadata.jsonl", f"{split}.jsonl", f"{split}.txt"):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"{directory} has no {split}_metadata.jsonl, {split}.jsonl or {split}.txt")
+
+
+def resolve_prompt_file(spec, split="train"):
+    """The file a `--prompts` value names for a split: a dataset name, a directory holding
+    `{split}_metadata.jsonl` / `{split}.txt`, or a single .txt / .jsonl file (used for every split)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if spec in DATASETS:
+        return _split_file(DATASETS[spec], split)
+    path = Path(spec)
+    if path.is_dir():
+        return _split_file(path, split)
+    if path.is_file():
+        if path.suffix not in (".txt", ".jsonl"):
+            raise ValueError(f"prompt file {path} must be .txt (one prompt per line) or .jsonl (GenEval metadata)")
+        return path
+    raise FileNotFoundError(f"--prompts {spec!r} is neither a dataset ({sorted(DATASETS)}) nor an existing path")
+
+
+def load_prompts(spec, split="train"):
+    path = resolve_prompt_file(spec, split)
+    prompts = _read_jsonl(path) if path.suffix == ".jsonl" else _read_txt(path)
+    if not prompts:
+        raise ValueError(f"prompt file {path} contains no prompts")
+    return prompts
+
+
+class GroupSampler:
+    """Distributed K-repeat sampler (ALGORITHMS.md §8.1): each draw picks m = n·b/k prompts,
+    repeats each k times, shuffles the n·b entries and gives rank r the slice [r·b, (r+1)·b).
+
+    Every rank builds the same permutation from (seed, epoch), so groups stay intact across
+    ranks and all ranks agree on the prompts; statistics are computed after gathering. The
+    sampler is stateless given `epoch` (call `set_epoch(epoch·nb + i)` before each batch), so
+    resuming needs only the epoch counter.
+    """
+
+    def __init__(self, num_prompts, batch_size, group_size, num_replicas=1, rank=0, seed=0):
+        total = num_replicas * batch_size
+        if total % group_size:
+            raise ValueError(f"group_size {group_size} must divide batch_size x processes = {batch_size} x "
+                             f"{num_replicas} = {total}: change --group-size or --batch-size")
+        if total // group_size > num_prompts:
+            raise ValueError(f"each draw needs {total // group_size} distinct prompts but the data has {num_prompts}")
+        self.num_prompts, self.batch_size, self.group_size = num_prompts, batch_size, group_size
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def indices(self):
+        """Dataset indices of this rank's batch for the current epoch."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        chosen = torch.randperm(self.num_prompts, generator=generator)[: self.num_replicas * self.batch_size // self.group_size]
+        repeated = chosen.repeat_interleave(self.group_size)
+        shuffled = repeated[torch.randperm(len(repeated), generator=generator)]
+        return shuffled[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
