@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import tyro
 
-from common import sde
 from common.data import GroupSampler, load_prompts
 from common.models import check_model_name
 from common.rewards import parse_reward_spec
@@ -58,7 +57,7 @@ class Args:
     """`latest` (newest complete checkpoint in output_dir) or a checkpoint directory"""
     track: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     """experiment tracker (through accelerate); metrics.jsonl is always written"""
-    compile: Optional[bool] = None
+    compile: bool = torch.cuda.is_available()
     """torch.compile the SDE step (rollout and training alike); default: on when CUDA is present"""
     eval_every: int = 10
     """evaluate every N epochs (and at epoch 0: the base, and after the last); 0 = never"""
@@ -274,6 +273,8 @@ def main(args: Args):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, gather_object
 
+    from common import sde
+
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
                               log_with=None if args.track == "none" else args.track,
                               project_config=ProjectConfiguration(project_dir=args.output_dir))
@@ -293,7 +294,7 @@ def main(args: Args):
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    sde.use_compile(torch.cuda.is_available() if args.compile is None else args.compile)
+    sde.use_compile(args.compile)
     torch.manual_seed(args.seed + rank)
 
     # --- model, LoRA, optimizer
@@ -377,11 +378,12 @@ def main(args: Args):
         transformer.eval()
 
         # --- sampling: rollouts with SDE log-probs; rewards computed while the next batch samples
-        samples, futures = [], []
+        samples, futures, drawn = [], [], []
         for i in tqdm(range(args.batches_per_epoch), desc=f"epoch {epoch}: sampling", disable=not main_process,
                       leave=False):
             group_sampler.set_epoch(epoch * args.batches_per_epoch + i)
             indices = group_sampler.indices()
+            drawn.append(group_sampler.global_indices())
             batch = [train_prompts[j] for j in indices]
             embeds = adapter.encode_prompts([p.text for p in batch])
             if args.same_latent:  # every copy of a prompt, on any rank, starts from the same x_T
@@ -414,6 +416,12 @@ def main(args: Args):
                                                      device=accelerator.device)).cpu().numpy()
             metrics[f"reward/{name}"] = float(values.mean())
         metrics["reward/mean"], metrics["reward/std"] = float(all_reward.mean()), float(all_reward.std())
+        # distributed bookkeeping: every rank must have drawn the same global prompt list, and the
+        # gathered groups must be complete (a multiple of group_size per prompt)
+        views = gather_object([drawn]) if world > 1 else [drawn]
+        metrics["dist/num_processes"] = world
+        metrics["dist/ranks_agree"] = float(all(view == views[0] for view in views))
+        metrics["dist/complete_groups"] = float(all(c % args.group_size == 0 for c in np.unique(all_ids, return_counts=True)[1]))
         epoch_rng = np.random.default_rng([args.seed, epoch, rank])
         keep = (zero_std_keep_mask(advantages.numpy(), args.batches_per_epoch, epoch_rng) if args.filter_zero_std
                 else np.ones(per_rank, dtype=bool))

@@ -98,10 +98,13 @@ class GroupSampler:
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def indices(self):
-        """Dataset indices of this rank's batch for the current epoch."""
+    def global_indices(self):
+        """Dataset indices of every rank's batch (rank r's are [r·b, (r+1)·b)) for the current epoch."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         chosen = torch.randperm(self.num_prompts, generator=generator)[: self.num_replicas * self.batch_size // self.group_size]
         repeated = chosen.repeat_interleave(self.group_size)
-        shuffled = repeated[torch.randperm(len(repeated), generator=generator)]
-        return shuffled[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+        return repeated[torch.randperm(len(repeated), generator=generator)].tolist()
+
+    def indices(self):
+        """Dataset indices of this rank's batch for the current epoch."""
+        return self.global_indices()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]

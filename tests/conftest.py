@@ -8,7 +8,7 @@ import torch
 # the repository root holds `common/` and the algorithm files (they are not installed)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("CLEANFLOW_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")
