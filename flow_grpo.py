@@ -11,18 +11,21 @@ model (LoRA disabled). Samplers, log-probs and KL live in common/sde.py; this fi
 algorithm: sampling epoch, advantages, loss, update.
 
 Launch:
-    python flow_grpo.py                                   # toy world, CPU, the learning target
-    accelerate launch flow_grpo.py --preset sd3 --pretrained stabilityai/stable-diffusion-3.5-medium \
-        --prompts path/to/geneval                           # one GPU (lower --batch-size to fit)
+    python flow_grpo.py                    # toy world on the CPU: the learning benchmark
+    # one GPU (lower --batch-size to fit; keep group_size dividing batch_size x processes)
+    accelerate launch flow_grpo.py --preset sd3 --pretrained stabilityai/stable-diffusion-3.5-medium
+        --prompts path/to/geneval --reward geneval
+    # 8 GPUs on one node
     accelerate launch --multi_gpu --num_processes 8 flow_grpo.py --preset sd3 --pretrained ...
-    accelerate launch --multi_gpu --num_machines 4 --num_processes 32 --machine_rank R \
-        --main_process_ip HOST flow_grpo.py --preset sd3 ...  # the published 32-GPU recipe
-    # CPU, 2 processes (gloo): accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
-    #     --mixed_precision no --dynamo_backend no --main_process_port 0 flow_grpo.py
+    # the published 32-GPU recipe: 4 nodes, run on each with its --machine_rank
+    accelerate launch --multi_gpu --num_machines 4 --num_processes 32 --machine_rank R
+        --main_process_ip HOST flow_grpo.py --preset sd3 --pretrained ...
+    # 2 CPU processes (gloo); note `--cpu --num_processes 2` silently starts only one
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
+        --dynamo_backend no --main_process_port 0 flow_grpo.py
 """
 
 import dataclasses
-import math
 import sys
 import time
 import warnings
@@ -149,6 +152,8 @@ class Args:
     """gradient-norm clip"""
     ema: bool = True
     """keep an EMA of the trained weights (used for evaluation and export)"""
+    ema_every: int = 8
+    """update the EMA every N optimizer steps with decay min(0.9, (1+n)/(10+n)) (published: 8)"""
     max_nonfinite_steps: int = 20
     """stop after this many consecutive micro-steps with a non-finite loss"""
 
@@ -161,7 +166,8 @@ class Args:
     """(runtime) micro-steps per optimizer step: (batches_per_epoch / updates_per_epoch) x len(train_steps)"""
 
 
-# The published SD3.5-M recipe (flow_grpo `geneval_sd3`, 32 GPUs): `--preset sd3`. On fewer GPUs
+# The published SD3.5-M recipe (flow_grpo `geneval_sd3`, 32 GPUs): `--preset sd3`; pass your
+# --prompts and --reward (GenEval needs its reward server, see README). On fewer GPUs
 # keep group_size dividing batch_size x processes (e.g. the 1-GPU OCR recipe: --batch-size 8
 # --group-size 8 --batches-per-epoch 8 --updates-per-epoch 2).
 PRESETS = {
@@ -169,8 +175,7 @@ PRESETS = {
     "sd3": Args(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, guidance=4.5, sampler="flow",
                 noise_level=0.7, final_step_ode=False, batch_size=9, group_size=24, batches_per_epoch=4,
                 updates_per_epoch=2, eval_num_steps=40, eval_guidance=4.5, learning_rate=3e-4, clip_range=1e-4,
-                beta=0.04, kl_convention="flowgrpo", global_std=True, reward="geneval", prompts="geneval",
-                eval_every=60, save_every=60, grid_every=60, num_epochs=100000, eval_images_per_category=64),
+                beta=0.04, kl_convention="flowgrpo", global_std=True, eval_every=60, save_every=60, grid_every=60, num_epochs=100000, eval_images_per_category=64),
 }
 
 
@@ -287,6 +292,7 @@ def main(args: Args):
     from common.ema import EMA
     from common.evaluate import evaluate
     from common.models import load_adapter
+    from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
     from common.rewards import MultiReward
     from common.rollout import derive_seed, initial_latents, noise_schedule, rollout
@@ -317,7 +323,7 @@ def main(args: Args):
     accelerator.gradient_accumulation_steps = args.grad_accumulation
     wrapped, optimizer = accelerator.prepare(transformer, optimizer)
     adapter.wrap(wrapped)
-    ema = EMA(params) if args.ema else None
+    ema = EMA(params, update_every=args.ema_every) if args.ema else None
 
     # --- data, reward
     train_prompts, test_prompts = load_prompts(args.prompts, "train"), load_prompts(args.prompts, "test")
@@ -376,9 +382,10 @@ def main(args: Args):
         if args.eval_every > 0 and epoch % args.eval_every == 0:
             metrics.update(run_eval(epoch))
         transformer.eval()
+        sampling_start = time.time()
 
         # --- sampling: rollouts with SDE log-probs; rewards computed while the next batch samples
-        samples, futures, drawn = [], [], []
+        samples, futures, drawn, rollout_s = [], [], [], 0.0
         for i in tqdm(range(args.batches_per_epoch), desc=f"epoch {epoch}: sampling", disable=not main_process,
                       leave=False):
             group_sampler.set_epoch(epoch * args.batches_per_epoch + i)
@@ -392,17 +399,19 @@ def main(args: Args):
                 seeds = [derive_seed(args.seed, epoch, i, rank * args.batch_size + k) for k in range(len(batch))]
             latents = initial_latents(adapter.latent_shape(len(batch), args.resolution), seeds)
             noise = torch.Generator().manual_seed(derive_seed(args.seed, epoch, i, rank, "sde"))
+            rollout_start = time.time()
             with accelerator.autocast():
                 trajectory = rollout(adapter, embeds, sigmas, latents, negative=negative, guidance=args.guidance,
                                      noise_level=args.noise_level, sampler=args.sampler, generator=noise,
                                      logprob=args.logprob, keep_means=False,
                                      sde_window=(0, args.num_steps - 1) if args.final_step_ode else None)
+            rollout_s += time.time() - rollout_start
             futures.append(executor.submit(reward_fn, trajectory.images, [p.text for p in batch],
                                            [p.metadata for p in batch]))
             samples.append({"embeds": embeds, "latents": trajectory.latents, "log_probs": trajectory.log_probs,
                             "indices": torch.tensor(indices)})
         rewards = [f.result() for f in futures]
-        sampling_s = time.time() - epoch_start
+        sampling_s = time.time() - sampling_start
 
         # --- advantages over the gathered epoch (groups keyed by dataset index), this rank's slice
         local_reward = torch.tensor(np.concatenate([r["avg"] for r in rewards]), device=accelerator.device)
@@ -442,8 +451,6 @@ def main(args: Args):
         on_policy_dev = []
         micro_batch = len(keep_index) // args.batches_per_epoch
         train_start = time.time()
-        from common.models.base import PromptEmbeds
-
         for inner in range(args.num_inner_epochs):
             order = (torch.randperm(len(keep_index), generator=torch.Generator().manual_seed(
                 derive_seed(args.seed, epoch, inner, rank, "shuffle"))) if args.shuffle else torch.arange(len(keep_index)))
@@ -514,7 +521,8 @@ def main(args: Args):
                         "train/ratio_dev_max": max(on_policy_dev) if on_policy_dev else float("nan"),
                         "train/approx_kl": mean(stats["approx_kl"]), "train/clipfrac": mean(stats["clipfrac"]),
                         "train/kl": mean(stats["kl"]) if args.beta > 0 else 0.0,
-                        "perf/epoch_s": epoch_s, "perf/sampling_s": sampling_s, "perf/train_s": train_s,
+                        "perf/epoch_s": epoch_s, "perf/sampling_s": sampling_s, "perf/rollout_s": rollout_s,
+                        "perf/train_s": train_s,
                         "perf/images_per_s": args.batches_per_epoch * args.batch_size * world / sampling_s,
                         "perf/wall_min": (time.time() - start_time) / 60})
         record = log.log(epoch, metrics)
@@ -549,10 +557,12 @@ def main(args: Args):
         if evals and "eval/accuracy" in evals[0]:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
-        if args.use_lora:
-            context = ema.swapped() if ema is not None else _nullcontext()
-            with context:
+        context = ema.swapped() if ema is not None else _nullcontext()
+        with context:
+            if args.use_lora:
                 export_lora(transformer, output_dir / "final", merged=args.export_merged)
+            else:  # full fine-tuning: the whole transformer, loadable with from_pretrained
+                transformer.save_pretrained(output_dir / "final" / "transformer")
     accelerator.end_training()
     return output_dir
 

@@ -1,7 +1,6 @@
 """flow_grpo.py end to end on the toy model and on a tiny SD3 pipeline: on-policy ratio,
 resume, export round-trip, bad input, non-finite losses."""
 
-import os
 import signal
 import subprocess
 import sys

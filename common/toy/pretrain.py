@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,6 +39,8 @@ class Args:
     max_minutes: float = 60.0
     """stop early (after saving) if the wall-clock budget runs out"""
     threads: int = 2
+    init_from: Optional[str] = None
+    """continue from a snapshot directory (weights only; a fresh warm-up + cosine schedule)"""
 
 
 def sample_batch(train_by_tag, batch_size, rng):
@@ -78,6 +81,11 @@ def main(args: Args):
     train, _ = split_prompts()
     train_by_tag = {tag: [m for m in train if m["tag"] == tag] for tag in TAGS}
     transformer, text_encoder, tokenizer = build_transformer(args.seed), ToyTextEncoder(), WordTokenizer()
+    if args.init_from:
+        from diffusers import SD3Transformer2DModel
+
+        transformer = SD3Transformer2DModel.from_pretrained(Path(args.init_from) / "transformer")
+        text_encoder = ToyTextEncoder.from_pretrained(Path(args.init_from) / "text_encoder")
     transformer.train()
     text_encoder.train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())

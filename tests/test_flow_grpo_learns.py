@@ -1,0 +1,43 @@
+"""CI's short learning check: on the toy world the training reward of flow_grpo.py must rise
+by more than 3 standard errors within 3 minutes (the full curve is bench/README material)."""
+
+import json
+import time
+
+import numpy as np
+
+import flow_grpo
+from common.outputs import read_metrics
+from common.toy.world import split_prompts
+
+WINDOW = 4  # epochs averaged at each end
+
+
+def test_training_reward_rises_by_more_than_three_standard_errors(tmp_path):
+    # one category (counting), so epoch-to-epoch reward noise comes from the policy, not from
+    # which categories the sampler happened to draw
+    prompts = tmp_path / "train_metadata.jsonl"
+    rows = [m for m in split_prompts()[0] if m["tag"] == "counting"]
+    prompts.write_text("".join(json.dumps(m) + "\n" for m in rows))
+    (tmp_path / "test_metadata.jsonl").write_text(prompts.read_text())
+    start = time.time()
+    args = flow_grpo.parse_args(["--prompts", str(tmp_path), "--output-dir", str(tmp_path / "run"),
+                                 "--eval-every", "0", "--track", "none", "--max-minutes", "2.6",
+                                 "--num-epochs", "200", *LEARN_ARGS])
+    flow_grpo.main(args)
+    assert time.time() - start < 180
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("reward/mean") is not None]
+    assert len(records) >= 2 * WINDOW, f"only {len(records)} epochs ran"
+    first, last = records[:WINDOW], records[-WINDOW:]
+    images = args.batch_size * args.batches_per_epoch * WINDOW
+    # standard error of each window's mean reward from the per-image spread within it
+    se = np.sqrt(np.mean([r["reward/std"] ** 2 for r in first]) / images
+                 + np.mean([r["reward/std"] ** 2 for r in last]) / images)
+    rise = np.mean([r["reward/mean"] for r in last]) - np.mean([r["reward/mean"] for r in first])
+    print(f"reward {np.mean([r['reward/mean'] for r in first]):.3f} -> "
+          f"{np.mean([r['reward/mean'] for r in last]):.3f}, rise {rise:.3f}, SE {se:.4f}, {len(records)} epochs")
+    assert rise > 3 * se
+
+
+LEARN_ARGS = ["--batch-size", "32", "--group-size", "16", "--batches-per-epoch", "2", "--updates-per-epoch", "2",
+              "--learning-rate", "3e-3", "--no-ema"]
