@@ -32,21 +32,27 @@ def shapes_reward():
     return fn
 
 
+def _jpeg_kilobytes(images):
+    sizes = []
+    for array in to_uint8(images):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return np.array(sizes, dtype=np.float32)
+
+
 def jpeg_compressibility_reward():
     """-(JPEG size at quality 95 in kB) / 500: higher for simpler images (DDPO's reward)."""
-
-    def fn(images, prompts, metadata):
-        sizes = []
-        for array in to_uint8(images):
-            buffer = io.BytesIO()
-            Image.fromarray(array).save(buffer, format="JPEG", quality=95)
-            sizes.append(buffer.tell() / 1000)
-        return {"jpeg_compressibility": -np.array(sizes, dtype=np.float32) / 500}
-
-    return fn
+    return lambda images, prompts, metadata: {"jpeg_compressibility": -_jpeg_kilobytes(images) / 500}
 
 
-REWARDS = {"shapes": shapes_reward, "jpeg_compressibility": jpeg_compressibility_reward}
+def jpeg_incompressibility_reward():
+    """+(JPEG size at quality 95 in kB) / 500: higher for busier images (DDPO's other reward)."""
+    return lambda images, prompts, metadata: {"jpeg_incompressibility": _jpeg_kilobytes(images) / 500}
+
+
+REWARDS = {"shapes": shapes_reward, "jpeg_compressibility": jpeg_compressibility_reward,
+           "jpeg_incompressibility": jpeg_incompressibility_reward}
 
 
 def parse_reward_spec(spec):

@@ -1,5 +1,11 @@
 """CI's short learning check: on the toy world the training reward of flow_grpo.py must rise
-by more than 3 standard errors within 3 minutes (the full curve is bench/README material)."""
+by more than 3 standard errors within 3 minutes.
+
+The reward here is `jpeg_incompressibility` (DDPO's, from the registry), not `shapes`: measured on
+the committed base, the shapes partial-credit reward does not rise by 3 standard errors within 3
+CPU minutes at any learning rate we tried (see the flow_grpo issue note and README), so a shapes
+version of this test could only pass by luck. This one checks that the loop optimises the reward
+it is given: sign, advantages, ratio and update all have to be right for it to pass."""
 
 import json
 import time
@@ -40,4 +46,4 @@ def test_training_reward_rises_by_more_than_three_standard_errors(tmp_path):
 
 
 LEARN_ARGS = ["--batch-size", "32", "--group-size", "16", "--batches-per-epoch", "2", "--updates-per-epoch", "2",
-              "--learning-rate", "3e-3", "--no-ema"]
+              "--learning-rate", "6e-3", "--no-ema", "--reward", "jpeg_incompressibility"]
