@@ -129,6 +129,11 @@ def _core():
     if not _compile_enabled:
         return _sde_step_core
     if _compiled_core is None:
+        # one graph per (sampler, logprob, draw/score, grad on/off, shape family): the default limit
+        # of 8 is reached by a process that trains with several samplers (the test suite does)
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled_core = torch.compile(_sde_step_core, fullgraph=True)
     return _compiled_core
 
