@@ -13,6 +13,13 @@ from diffusers import StableDiffusion3Pipeline
 from common.models.base import ModelAdapter, PromptEmbeds
 
 
+def sd3_transformer_call(module, latents, sigma, embeds: PromptEmbeds):
+    """An `SD3Transformer2DModel` (or its wrapper) at sigma: timestep 1000·sigma, token states and
+    pooled vector as its text conditioning. Shared by the sd3 and toy adapters (same class)."""
+    return module(hidden_states=latents, timestep=sigma * 1000, encoder_hidden_states=embeds.hidden,
+                  pooled_projections=embeds.pooled, return_dict=False)[0]
+
+
 class SD3Adapter(ModelAdapter):
     name = "sd3"
     lora_rank, lora_alpha = 32, 64
@@ -52,9 +59,7 @@ class SD3Adapter(ModelAdapter):
         return PromptEmbeds(hidden.to(self.dtype), pooled.to(self.dtype))
 
     def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
-        return self.forward_module(hidden_states=latents, timestep=sigma * 1000,
-                                encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled,
-                                return_dict=False)[0]
+        return sd3_transformer_call(self.forward_module, latents, sigma, embeds)
 
     def decode(self, latents):
         config = self.vae.config

@@ -12,6 +12,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from common.models.base import ModelAdapter, PromptEmbeds
+from common.models.sd3 import sd3_transformer_call
 from common.toy.model import SCHEDULER_CONFIG, ToyTextEncoder, WordTokenizer, latents_to_images
 from common.toy.world import IMAGE_SIZE
 
@@ -46,9 +47,7 @@ class ToyAdapter(ModelAdapter):
         return PromptEmbeds(hidden.to(self.dtype), pooled.to(self.dtype))
 
     def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
-        return self.forward_module(hidden_states=latents, timestep=sigma * 1000,
-                                encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled,
-                                return_dict=False)[0]
+        return sd3_transformer_call(self.forward_module, latents, sigma, embeds)
 
     def decode(self, latents):
         return latents_to_images(latents)
