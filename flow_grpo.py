@@ -52,10 +52,10 @@ class Args:
     """seeds prompts, initial noise, SDE noise and shuffles (everything is derived from it and the epoch)"""
     output_dir: str = "runs/flow_grpo"
     """metrics.jsonl, checkpoints, grids, the reward curve and the final export go here"""
-    num_epochs: int = 60
+    num_epochs: int = 1000
     """sampling + training epochs"""
-    max_minutes: Optional[float] = None
-    """stop after the epoch that exceeds this wall-clock budget (then evaluate and export)"""
+    max_minutes: Optional[float] = 30.0
+    """stop after the epoch that exceeds this wall-clock budget (then evaluate and export); None = no limit"""
     resume: Optional[str] = None
     """`latest` (newest complete checkpoint in output_dir) or a checkpoint directory"""
     track: Literal["tensorboard", "wandb", "none"] = "tensorboard"
@@ -169,7 +169,7 @@ class Args:
 
 
 # The published SD3.5-M recipe (flow_grpo `geneval_sd3`, 32 GPUs): `--preset sd3`; pass your
-# --prompts and --reward (GenEval needs its reward server, see README). On fewer GPUs
+# --prompts and --reward (the GenEval reward is not in the registry yet). On fewer GPUs
 # keep group_size dividing batch_size x processes (e.g. the 1-GPU OCR recipe: --batch-size 8
 # --group-size 8 --batches-per-epoch 8 --updates-per-epoch 2).
 PRESETS = {
@@ -177,7 +177,8 @@ PRESETS = {
     "sd3": Args(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, guidance=4.5, sampler="flow",
                 noise_level=0.7, final_step_ode=False, batch_size=9, group_size=24, batches_per_epoch=4,
                 updates_per_epoch=2, eval_num_steps=40, eval_guidance=4.5, learning_rate=3e-4, clip_range=1e-4,
-                beta=0.04, kl_convention="flowgrpo", global_std=True, ema=True, eval_every=60, save_every=60, grid_every=60, num_epochs=100000, eval_images_per_category=64),
+                beta=0.04, kl_convention="flowgrpo", global_std=True, ema=True, eval_every=60, save_every=60,
+                grid_every=60, num_epochs=100000, max_minutes=None, eval_images_per_category=64),
 }
 
 
