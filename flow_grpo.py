@@ -30,6 +30,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -359,7 +360,7 @@ def main(args: Args):
         accelerator.init_trackers(args.exp_name, config={k: str(v) for k, v in vars(args).items()})
 
     def run_eval(epoch):
-        context = ema.swapped() if ema is not None else _nullcontext()
+        context = ema.swapped() if ema is not None else nullcontext()
         with context:
             bar = tqdm(desc=f"eval {epoch}", unit="img", disable=not main_process, leave=False)
             metrics, images, eval_prompts = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
@@ -560,7 +561,7 @@ def main(args: Args):
         if evals and "eval/accuracy" in evals[0]:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
-        context = ema.swapped() if ema is not None else _nullcontext()
+        context = ema.swapped() if ema is not None else nullcontext()
         with context:
             if args.use_lora:
                 export_lora(transformer, output_dir / "final", merged=args.export_merged)
@@ -568,14 +569,6 @@ def main(args: Args):
                 transformer.save_pretrained(output_dir / "final" / "transformer")
     accelerator.end_training()
     return output_dir
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
