@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -91,10 +91,6 @@ def load_checkpoint(path):
 
 def lora_state_dict(transformer, adapter_name="default"):
     return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-
-
-def load_lora_state_dict(transformer, state, adapter_name="default"):
-    set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
 
 
 def _lora_config_dict(config: LoraConfig):

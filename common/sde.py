@@ -39,10 +39,6 @@ def use_compile(enabled: bool):
     _compile_enabled = bool(enabled)
 
 
-def compile_enabled():
-    return _compile_enabled
-
-
 @dataclass
 class StepOutput:
     sample: torch.Tensor      # x' (drawn, or the given prev_sample), fp32
@@ -136,13 +132,6 @@ def _core():
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled_core = torch.compile(_sde_step_core, fullgraph=True)
     return _compiled_core
-
-
-def gaussian_log_prob(sample, mean, std):
-    """Exact per-element Gaussian log-density averaged over non-batch dims (std: (B,))."""
-    std = std.view((-1,) + (1,) * (sample.ndim - 1))
-    density = -((sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return density.mean(dim=tuple(range(1, sample.ndim)))
 
 
 def transition_kl(mean, mean_ref, step: StepOutput, convention="exact"):
