@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import tyro
 
-from common.data import GroupSampler, load_prompts
+from common.data import GroupSampler, category_weights, load_prompts
 from common.models import check_model_name
 from common.rewards import parse_reward_spec
 
@@ -113,6 +113,9 @@ class Args:
     """images per prompt (k); must divide batch_size x processes"""
     batches_per_epoch: int = 2
     """sampling batches per epoch (nb)"""
+    balance_categories: bool = True
+    """draw training prompts so every metadata `tag` (GenEval category) is equally likely; the
+    toy train split is 73 % `position` while the eval averages the six categories equally"""
     same_latent: bool = False
     """same initial noise for every copy of a prompt (across processes too)"""
     eval_num_steps: int = 20
@@ -178,7 +181,7 @@ PRESETS = {
     "sd3": Args(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, guidance=4.5, sampler="flow",
                 noise_level=0.7, final_step_ode=False, batch_size=9, group_size=24, batches_per_epoch=4,
                 updates_per_epoch=2, eval_num_steps=40, eval_guidance=4.5, learning_rate=3e-4, clip_range=1e-4,
-                beta=0.04, kl_convention="flowgrpo", global_std=True, ema=True, eval_every=60, save_every=60,
+                beta=0.04, kl_convention="flowgrpo", global_std=True, ema=True, balance_categories=False, eval_every=60, save_every=60,
                 grid_every=60, num_epochs=100000, max_minutes=None, eval_images_per_category=64),
 }
 
@@ -332,7 +335,8 @@ def main(args: Args):
     # --- data, reward
     train_prompts, test_prompts = load_prompts(args.prompts, "train"), load_prompts(args.prompts, "test")
     reward_fn = MultiReward(parse_reward_spec(args.reward))
-    group_sampler = GroupSampler(len(train_prompts), args.batch_size, args.group_size, world, rank, args.seed)
+    group_sampler = GroupSampler(len(train_prompts), args.batch_size, args.group_size, world, rank, args.seed,
+                                 weights=category_weights(train_prompts) if args.balance_categories else None)
     sigmas = adapter.make_sigmas(args.num_steps, args.resolution)
     levels = noise_schedule(args.num_steps, args.noise_level,
                             (0, args.num_steps - 1) if args.final_step_ode else None)

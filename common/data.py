@@ -74,6 +74,17 @@ def load_prompts(spec, split="train"):
     return prompts
 
 
+def category_weights(prompts):
+    """Per-prompt weights 1 / (prompts sharing its metadata `tag`): every category is drawn
+    equally often. GenEval-style splits are dominated by one category (the toy train split is
+    73 % `position`), while GenEval's score averages the categories equally."""
+    counts = {}
+    for prompt in prompts:
+        tag = prompt.metadata.get("tag")
+        counts[tag] = counts.get(tag, 0) + 1
+    return [1.0 / counts[prompt.metadata.get("tag")] for prompt in prompts]
+
+
 class GroupSampler:
     """Distributed K-repeat sampler (ALGORITHMS.md §8.1): each draw picks m = n·b/k prompts,
     repeats each k times, shuffles the n·b entries and gives rank r the slice [r·b, (r+1)·b).
@@ -82,9 +93,12 @@ class GroupSampler:
     ranks and all ranks agree on the prompts; statistics are computed after gathering. The
     sampler is stateless given `epoch` (call `set_epoch(epoch·nb + i)` before each batch), so
     resuming needs only the epoch counter.
+
+    `weights` (one per prompt, e.g. from `category_weights`) makes the m prompts of a draw a
+    weighted sample without replacement instead of a uniform one.
     """
 
-    def __init__(self, num_prompts, batch_size, group_size, num_replicas=1, rank=0, seed=0):
+    def __init__(self, num_prompts, batch_size, group_size, num_replicas=1, rank=0, seed=0, weights=None):
         total = num_replicas * batch_size
         if total % group_size:
             raise ValueError(f"group_size {group_size} must divide batch_size x processes = {batch_size} x "
@@ -93,6 +107,9 @@ class GroupSampler:
             raise ValueError(f"each draw needs {total // group_size} distinct prompts but the data has {num_prompts}")
         self.num_prompts, self.batch_size, self.group_size = num_prompts, batch_size, group_size
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights is not None and (len(self.weights) != num_prompts or (self.weights <= 0).any()):
+            raise ValueError("weights must be one positive number per prompt")
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -101,7 +118,11 @@ class GroupSampler:
     def global_indices(self):
         """Dataset indices of every rank's batch (rank r's are [r·b, (r+1)·b)) for the current epoch."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        chosen = torch.randperm(self.num_prompts, generator=generator)[: self.num_replicas * self.batch_size // self.group_size]
+        m = self.num_replicas * self.batch_size // self.group_size
+        if self.weights is None:
+            chosen = torch.randperm(self.num_prompts, generator=generator)[:m]
+        else:
+            chosen = torch.multinomial(self.weights, m, replacement=False, generator=generator)
         repeated = chosen.repeat_interleave(self.group_size)
         return repeated[torch.randperm(len(repeated), generator=generator)].tolist()
 

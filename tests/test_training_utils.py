@@ -65,3 +65,16 @@ def test_metrics_log_truncates_to_the_resume_epoch(tmp_path):
     MetricsLog(tmp_path)  # a fresh (non-resumed) run starts a new file
     assert not (tmp_path / "metrics.jsonl").exists()
     json.dumps({})
+
+
+def test_category_weights_balance_draws():
+    from common.data import Prompt, category_weights
+
+    prompts = [Prompt(f"p{i}", {"tag": "big"}) for i in range(90)] + [Prompt(f"q{i}", {"tag": "small"}) for i in range(10)]
+    sampler = GroupSampler(len(prompts), 8, 4, 1, 0, seed=3, weights=category_weights(prompts))
+    small = 0
+    for epoch in range(400):
+        sampler.set_epoch(epoch)
+        small += sum(i >= 90 for i in dict.fromkeys(sampler.global_indices()))
+    # 2 prompts per draw, 800 in all; uniform sampling would give ~80 from "small", balanced ~400
+    assert 340 < small < 460
