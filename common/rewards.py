@@ -3,9 +3,22 @@
 A reward is `fn(images, prompts, metadata) -> {name: per-image scores (np.ndarray)}` with
 images float [0, 1] NCHW. `--reward shapes=1.0,jpeg_compressibility=0.5` builds a combiner
 returning every component plus `avg` = sum_k w_k·score_k (not divided by the weight sum, as
-published); a weight of 0 still computes and logs the component (a "gold" monitor).
+published, ALGORITHMS.md §16 #35); a weight of 0 still computes and logs the component (a "gold"
+monitor).
+
+Spec grammar: `name[:arg][=weight]`, comma-separated. `arg` (everything after the first `:` up to
+a trailing `=<number>`) goes to the reward's factory: a local model directory or a server URL,
+e.g. `pickscore:/models/PickScore_v1=1.0` or `unifiedreward:http://127.0.0.1:17140/v1`.
+
+Registry values are factories `factory(arg=None) -> reward fn`, or "module:function" strings
+imported only when that reward is used, so `import common.rewards` stays light and no weights
+load at import time. Model-based rewards live in `common/reward_models.py`; their optional
+dependencies are checked when the spec is parsed (before any model loads) so a missing extra
+fails at start-up with the `pip install` line, not mid-run.
 """
 
+import importlib
+import importlib.util
 import io
 
 import numpy as np
@@ -51,34 +64,105 @@ def jpeg_incompressibility_reward():
     return lambda images, prompts, metadata: {"jpeg_incompressibility": _jpeg_kilobytes(images) / 500}
 
 
-REWARDS = {"shapes": shapes_reward, "jpeg_compressibility": jpeg_compressibility_reward,
-           "jpeg_incompressibility": jpeg_incompressibility_reward}
+REWARDS = {
+    "shapes": shapes_reward,
+    "jpeg_compressibility": jpeg_compressibility_reward,
+    "jpeg_incompressibility": jpeg_incompressibility_reward,
+    "ocr": "common.reward_models:ocr_reward",
+    "aesthetic": "common.reward_models:aesthetic_reward",
+    "clipscore": "common.reward_models:clipscore_reward",
+    "pickscore": "common.reward_models:pickscore_reward",
+    "image_similarity": "common.reward_models:image_similarity_reward",
+    "imagereward": "common.reward_models:imagereward_reward",
+    "hpsv2": "common.reward_models:hpsv2_reward",
+    "qwenvl": "common.reward_models:qwenvl_reward",
+    "unifiedreward": "common.reward_models:unifiedreward_reward",
+    # HTTP reward servers (JSON protocol, ALGORITHMS.md §13), in common/reward_server.py
+    "remote": "common.reward_server:remote_reward",
+    "geneval": "common.reward_server:geneval_reward",
+    "deqa": "common.reward_server:deqa_reward",
+}
+
+# name -> (importable modules it needs, the pyproject extra that installs them). Rewards not listed
+# need only the core dependencies (torch, transformers, pillow).
+REQUIREMENTS = {"ocr": (("rapidocr", "onnxruntime"), "ocr")}
+
+
+def check_requirements(name):
+    """Raise ImportError with the install line when `name`'s optional dependencies are missing."""
+    modules, extra = REQUIREMENTS.get(name, ((), None))
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"the {name!r} reward needs {', '.join(missing)}: pip install 'cleanflow[{extra}]' "
+                          f"(or pip install -e '.[{extra}]' in a checkout)")
+
+
+def split_key(key):
+    """'pickscore:/models/ps' -> ('pickscore', '/models/ps'); 'shapes' -> ('shapes', None)."""
+    name, sep, arg = key.partition(":")
+    return name, (arg if sep else None)
 
 
 def parse_reward_spec(spec):
-    """'shapes' or 'shapes=1.0,jpeg_compressibility=0.5' -> {name: weight}; unknown names fail."""
-    weights = {}
+    """'shapes' or 'pickscore:/dir=0.5,ocr=0.5' -> {key: weight} where key is `name` or `name:arg`.
+    Unknown names, bad weights, repeated rewards and missing optional dependencies fail here."""
+    weights, seen = {}, set()
     for part in spec.split(","):
-        name, _, weight = part.strip().partition("=")
+        part = part.strip()
+        key, weight = part, 1.0
+        head, eq, tail = part.rpartition("=")
+        if eq:
+            try:
+                key, weight = head, float(tail)
+            except ValueError:
+                if ":" not in head:  # `name=abc`; with an arg the `=` may belong to it (a URL query)
+                    raise ValueError(f"reward weight in {part!r} must be a number, got {tail!r}") from None
+        name, arg = split_key(key)
         if name not in REWARDS:
             raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARDS)}")
-        try:
-            weights[name] = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"reward weight for {name!r} must be a number, got {weight!r}") from None
+        if arg == "":
+            raise ValueError(f"{part!r}: empty argument after ':' (write `{name}` or `{name}:PATH_OR_URL`)")
+        if name in seen:
+            raise ValueError(f"reward {name!r} appears twice in {spec!r}; each reward once")
+        seen.add(name)
+        check_requirements(name)
+        weights[key] = weight
     return weights
 
 
+def resolve(factory):
+    """A registry value -> the factory callable (imports "module:function" strings)."""
+    if isinstance(factory, str):
+        module, _, attribute = factory.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    return factory
+
+
+def build_reward(key):
+    """'name' or 'name:arg' -> the reward fn (loads its model now, not at import)."""
+    name, arg = split_key(key)
+    factory = resolve(REWARDS[name])
+    return factory() if arg is None else factory(arg)
+
+
 class MultiReward:
-    """Weighted sum of registered rewards; `__call__` returns every component and `avg`."""
+    """Weighted sum of registered rewards; `__call__` returns every component and `avg`.
+    `weights` is what `parse_reward_spec` returns ({name or name:arg: weight})."""
 
     def __init__(self, weights):
-        self.weights = dict(weights)
-        self.fns = {name: REWARDS[name]() for name in self.weights}
+        self.weights = {split_key(key)[0]: w for key, w in weights.items()}
+        self.fns = {split_key(key)[0]: build_reward(key) for key in weights}
 
     def __call__(self, images, prompts, metadata):
-        out = {}
+        out, avg = {}, np.zeros(len(prompts), dtype=np.float64)
         for name, fn in self.fns.items():
-            out.update(fn(images, prompts, metadata))
-        out["avg"] = sum(w * out[name] for name, w in self.weights.items()).astype(np.float32)
+            scores = fn(images, prompts, metadata)
+            # the weight applies to the component named like the reward (a server reward may
+            # answer under a single other name)
+            primary = name if name in scores else (next(iter(scores)) if len(scores) == 1 else None)
+            if primary is None:
+                raise KeyError(f"reward {name!r} returned {sorted(scores)}, none named {name!r}")
+            out.update({k: np.asarray(v, dtype=np.float32) for k, v in scores.items()})
+            avg += self.weights[name] * out[primary]
+        out["avg"] = avg.astype(np.float32)
         return out

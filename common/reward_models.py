@@ -1,0 +1,522 @@
+"""Model-based rewards (OCR, CLIP family, ImageReward, HPS v2.1, VLM judges), loaded on demand.
+
+Every factory here is registered by name in `common/rewards.py` and called as `factory(arg)`
+with `arg` from the spec (`name:arg=weight`), usually a local model directory or a server URL;
+`None` means the published checkpoint's hub id. Nothing heavy is imported or loaded at import
+time: each factory imports its library and loads its weights when the run builds its rewards.
+Scales follow ALGORITHMS.md §12 (the published code's, quirks included).
+
+Threads. Rewards run in a thread beside sampling. On CPU each model call runs under
+`torch_threads(REWARD_THREADS)` (default 1, env `CLEANFLOW_REWARD_THREADS`): torch keeps the
+intra-op thread count per OS thread (OpenMP), so setting it inside the reward thread does not
+change the sampler's, and it is restored afterwards because torch also uses it as the default
+for threads created later. onnxruntime (OCR) gets `intra_op_num_threads` per session instead.
+"""
+
+import base64
+import io
+import json
+import os
+import re
+import threading
+import urllib.error
+import urllib.request
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.rewards import check_requirements, to_uint8
+
+REWARD_THREADS = int(os.environ.get("CLEANFLOW_REWARD_THREADS", "1"))
+_thread_lock = threading.Lock()
+
+
+def reward_device():
+    """This process's GPU when there is one (accelerate sets it per rank), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextmanager
+def torch_threads(num_threads=None):
+    """Run the block with `num_threads` intra-op threads in this OS thread, then restore."""
+    num_threads = num_threads or REWARD_THREADS
+    with _thread_lock:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        with _thread_lock:
+            torch.set_num_threads(previous)
+
+
+def to_pil(images):
+    """(B, 3, H, W) float [0, 1] -> list of RGB PIL images, rounded to uint8 as published."""
+    return [Image.fromarray(array) for array in to_uint8(images)]
+
+
+def _hub_or_path(arg, default):
+    return str(arg) if arg else default
+
+
+# ---------------------------------------------------------------------------------------- OCR
+
+def levenshtein(a, b):
+    """Edit distance (insertions, deletions, substitutions all cost 1)."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def ocr_target(prompt):
+    """The first double-quoted span of the prompt (ALGORITHMS.md §16 #33)."""
+    parts = prompt.split('"')
+    if len(parts) < 3:
+        raise ValueError(f"the ocr reward needs the target text in double quotes in every prompt; got {prompt!r}")
+    return parts[1]
+
+
+def ocr_score(recognized, target):
+    """Published rule (§12): lower-case, no spaces; d = 0 if the target is a substring of all
+    recognised lines joined, else min(Levenshtein, len(target)); score 1 - d/len(target)."""
+    recognized = "".join(recognized).replace(" ", "").lower()
+    target = target.replace(" ", "").lower()
+    if not target:
+        return 0.0
+    distance = 0 if target in recognized else min(levenshtein(recognized, target), len(target))
+    return 1.0 - distance / len(target)
+
+
+def ocr_reward(arg=None):
+    """Text rendering: rapidocr (PP-OCR detection + recognition ONNX models shipped in its wheel,
+    onnxruntime on CPU or, with onnxruntime-gpu, CUDA) and the published Levenshtein score on the
+    first quoted text. Published: PaddleOCR `lang="en"`; here the wheel's PP-OCR recogniser
+    (Chinese + English). `arg`: a directory holding `det.onnx` and `rec.onnx` to use other models."""
+    check_requirements("ocr")
+    from rapidocr import RapidOCR
+
+    # published: PaddleOCR(use_angle_cls=False), whose detector resizes only images larger than
+    # 960 px (rapidocr's default instead upscales every image to a 736 px short side)
+    params = {"Global.log_level": "error", "Global.use_cls": False, "Det.limit_type": "max", "Det.limit_side_len": 960,
+              "EngineConfig.onnxruntime.intra_op_num_threads": REWARD_THREADS,
+              "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+              "EngineConfig.onnxruntime.use_cuda": torch.cuda.is_available()}
+    if arg:
+        params.update({"Det.model_path": str(Path(arg) / "det.onnx"), "Rec.model_path": str(Path(arg) / "rec.onnx")})
+    engine = RapidOCR(params=params)
+    engine(Image.new("RGB", (32, 32), "white"))  # loads the detector now: a broken install fails at start-up
+
+    def fn(images, prompts, metadata):
+        targets = [ocr_target(p) for p in prompts]
+        scores = []
+        for image, target in zip(to_pil(images), targets):
+            try:
+                result = engine(image)
+                scores.append(ocr_score(result.txts or (), target))
+            except Exception as error:  # published: an OCR failure scores 0; we also say so
+                warnings.warn(f"ocr reward: OCR failed ({error!r}); scoring 0")
+                scores.append(0.0)
+        return {"ocr": np.array(scores, dtype=np.float32)}
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------- CLIP family
+
+class RewardHead(torch.nn.Module):
+    """The LAION aesthetic / ImageReward MLP (768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout);
+    the layer indices match the published state dicts (`layers.0.weight`, ..., `layers.7.bias`)."""
+
+    def __init__(self, input_size=768):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Clip:
+    """A transformers CLIP (any checkpoint in its format) with its processor: normalised image
+    and text embeddings and the model's logit scale."""
+
+    def __init__(self, model_path, processor_path=None):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.device = reward_device()
+        self.processor = CLIPProcessor.from_pretrained(processor_path or model_path)
+        self.model = CLIPModel.from_pretrained(model_path).eval().to(self.device)
+
+    @torch.no_grad()
+    def image_embeds(self, pil_images):
+        pixels = self.processor(images=pil_images, return_tensors="pt")["pixel_values"].to(self.device)
+        embeds = self.model.get_image_features(pixel_values=pixels).pooler_output.float()
+        return embeds / embeds.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def text_embeds(self, texts):
+        tokens = self.processor(text=list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        embeds = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                              attention_mask=tokens["attention_mask"].to(self.device)).pooler_output
+        embeds = embeds.float()
+        return embeds / embeds.norm(dim=-1, keepdim=True)
+
+    def logit_scale(self):
+        return float(self.model.logit_scale.exp())
+
+
+def _text_image_cosine(clip, images, prompts):
+    with torch_threads():
+        return (clip.image_embeds(to_pil(images)) * clip.text_embeds(prompts)).sum(-1).cpu().numpy()
+
+
+def clipscore_reward(arg=None):
+    """CLIP ViT-L/14: logit_scale·cos(image, prompt) / 30 (logit_scale = 100 for that model;
+    the /30 is the published scaling, §16 #28). ≈ 0.8–1.1."""
+    clip = Clip(_hub_or_path(arg, "openai/clip-vit-large-patch14"))
+    return lambda images, prompts, metadata: {
+        "clipscore": (clip.logit_scale() * _text_image_cosine(clip, images, prompts) / 30).astype(np.float32)}
+
+
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+def pickscore_reward(arg=None):
+    """PickScore_v1 (a CLIP-H fine-tune) with the CLIP-H processor: exp(logit_scale)·cos / 26
+    (§12, §16 #28): ≈ 0.8–0.9, x26 the paper's 21.7–23.6. `arg`: a local PickScore directory;
+    its processor files are used when present, else the CLIP-H hub processor."""
+    model_path = _hub_or_path(arg, "yuvalkirstain/PickScore_v1")
+    has_processor = arg and (Path(arg) / "preprocessor_config.json").exists()
+    clip = Clip(model_path, processor_path=model_path if has_processor else PICKSCORE_PROCESSOR)
+    return lambda images, prompts, metadata: {
+        "pickscore": (clip.logit_scale() * _text_image_cosine(clip, images, prompts) / 26).astype(np.float32)}
+
+
+def hpsv2_reward(arg=None):
+    """HPS v2.1: a CLIP ViT-H/14 fine-tuned on human preferences; the score is the raw cosine
+    between image and prompt embeddings (hpsv2's `score`), ≈ 0.2–0.35. `arg`: a directory with
+    the HPS v2.1 weights in transformers CLIP format (the published file is an open_clip
+    checkpoint, `HPS_v2.1_compressed.pt`; convert it once to transformers format)."""
+    if not arg:
+        raise ValueError("hpsv2 needs a local directory: `--reward hpsv2:/path/to/hps_v2.1_clip` (transformers "
+                         "CLIP format; the published open_clip checkpoint must be converted first)")
+    clip = Clip(arg)
+    return lambda images, prompts, metadata: {"hpsv2": _text_image_cosine(clip, images, prompts).astype(np.float32)}
+
+
+AESTHETIC_HEAD = "sac+logos+ava1-l14-linearMSE.pth"
+
+
+def aesthetic_reward(arg=None):
+    """LAION aesthetic predictor v2: CLIP ViT-L/14 image embedding, L2-normalised, through the
+    linear-MSE MLP head; raw output ≈ 1–10 (paper 5.4–6.2), not rescaled (§16 #28). `arg`: a
+    directory with the CLIP model in transformers format and the head file
+    `sac+logos+ava1-l14-linearMSE.pth` (the published torch state dict); without `arg`, CLIP from
+    the hub and the head from env CLEANFLOW_AESTHETIC_HEAD."""
+    head_path = Path(arg) / AESTHETIC_HEAD if arg else os.environ.get("CLEANFLOW_AESTHETIC_HEAD")
+    if not head_path or not Path(head_path).exists():
+        raise FileNotFoundError(f"aesthetic needs the LAION head {AESTHETIC_HEAD} (improved-aesthetic-predictor): put "
+                                f"it in the directory given as `aesthetic:DIR` or set CLEANFLOW_AESTHETIC_HEAD")
+    clip = Clip(_hub_or_path(arg, "openai/clip-vit-large-patch14"))
+    head = RewardHead(clip.model.config.projection_dim)
+    head.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True))
+    head = head.eval().to(clip.device)
+
+    def fn(images, prompts, metadata):
+        with torch_threads(), torch.no_grad():
+            scores = head(clip.image_embeds(to_pil(images))).squeeze(1)
+        return {"aesthetic": scores.float().cpu().numpy()}
+
+    return fn
+
+
+def reference_image(meta):
+    """The reference of `image_similarity`: metadata `reference_image` or `image` (a path, a PIL
+    image, an HWC uint8 array or a CHW float [0, 1] tensor)."""
+    ref = meta.get("reference_image", meta.get("image")) if meta else None
+    if ref is None:
+        raise ValueError("image_similarity needs a reference image in each prompt's metadata "
+                         "(`reference_image` or `image`)")
+    if isinstance(ref, (str, Path)):
+        return Image.open(ref).convert("RGB")
+    if isinstance(ref, torch.Tensor):
+        return to_pil(ref[None])[0]
+    if isinstance(ref, np.ndarray):
+        return Image.fromarray(ref)
+    return ref.convert("RGB")
+
+
+def image_similarity_reward(arg=None):
+    """Cosine between the CLIP ViT-L/14 embeddings of the image and its reference image (editing
+    recipes), in [-1, 1]."""
+    clip = Clip(_hub_or_path(arg, "openai/clip-vit-large-patch14"))
+
+    def fn(images, prompts, metadata):
+        with torch_threads():
+            ours = clip.image_embeds(to_pil(images))
+            refs = clip.image_embeds([reference_image(meta) for meta in metadata])
+        return {"image_similarity": (ours * refs).sum(-1).cpu().numpy().astype(np.float32)}
+
+    return fn
+
+
+# --------------------------------------------------------------------------------- ImageReward
+
+# ImageReward-v1.0 standardises the head's output with these constants (its ImageReward.py)
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
+IMAGEREWARD_HEAD = "imagereward_head.safetensors"
+
+
+def imagereward_reward(arg=None):
+    """ImageReward-v1.0: BLIP (ViT-L image encoder, BERT text encoder cross-attending to it) in
+    transformers' `BlipForImageTextRetrieval` layout; the text [CLS] state goes through the MLP
+    head and is standardised; raw ≈ −2…2. Prompts tokenised to 35 tokens as published. `arg`:
+    the directory `convert_imagereward` writes (model, processor, `imagereward_head.safetensors`)."""
+    if not arg:
+        raise ValueError("imagereward needs a local directory: convert ImageReward.pt once with "
+                         "common.reward_models.convert_imagereward, then `--reward imagereward:DIR`")
+    from safetensors.torch import load_file
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    device = reward_device()
+    processor = BlipProcessor.from_pretrained(arg)
+    model = BlipForImageTextRetrieval.from_pretrained(arg).eval().to(device)
+    head = RewardHead(model.config.text_config.hidden_size)
+    head.load_state_dict(load_file(str(Path(arg) / IMAGEREWARD_HEAD)))
+    head = head.eval().to(device)
+
+    def fn(images, prompts, metadata):
+        with torch_threads(), torch.no_grad():
+            pixels = processor(images=to_pil(images), return_tensors="pt")["pixel_values"].to(device)
+            tokens = processor(text=list(prompts), padding="max_length", truncation=True, max_length=35,
+                               return_tensors="pt")
+            image_states = model.vision_model(pixel_values=pixels).last_hidden_state
+            text_states = model.text_encoder(
+                input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
+                encoder_hidden_states=image_states,
+                encoder_attention_mask=torch.ones(image_states.shape[:-1], dtype=torch.long, device=device),
+            ).last_hidden_state
+            scores = (head(text_states[:, 0].float()).squeeze(1) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+        return {"imagereward": scores.cpu().numpy().astype(np.float32)}
+
+    return fn
+
+
+def imagereward_key_to_transformers(key):
+    """A key of the published ImageReward.pt (LAVIS-style BLIP) -> (module, transformers key);
+    module is "blip" or "mlp", None for keys transformers has no use for."""
+    if key.startswith("mlp."):
+        return "mlp", key[len("mlp."):]
+    if not key.startswith("blip."):
+        return None, key
+    key = key[len("blip."):]
+    if key.startswith("text_encoder."):
+        return "blip", key  # same BERT names in transformers' BlipTextModel
+    if not key.startswith("visual_encoder."):
+        return None, key  # itm head, projections, momentum encoders: unused by the reward
+    key = "vision_model." + key[len("visual_encoder."):]
+    for old, new in (("patch_embed.proj", "embeddings.patch_embedding"), ("pos_embed", "embeddings.position_embedding"),
+                     ("cls_token", "embeddings.class_embedding"), ("blocks.", "encoder.layers."),
+                     ("attn.proj", "self_attn.projection"), ("attn.qkv", "self_attn.qkv"), ("norm1", "layer_norm1"),
+                     ("norm2", "layer_norm2"), ("vision_model.norm.", "vision_model.post_layernorm.")):
+        key = key.replace(old, new)
+    return "blip", key
+
+
+def convert_imagereward(checkpoint, out_dir, base="Salesforce/blip-itm-large-coco"):
+    """Convert the published `ImageReward.pt` to the directory `imagereward:DIR` loads: a
+    `BlipForImageTextRetrieval` with the BLIP-large architecture at 224 px (ImageReward's size)
+    and its processor from `base`, plus the head. Fails if any vision/text weight is missing."""
+    from safetensors.torch import save_file
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipProcessor
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    blip, mlp = {}, {}
+    for key, value in state.items():
+        module, new_key = imagereward_key_to_transformers(key)
+        if module == "blip":
+            blip[new_key] = value
+        elif module == "mlp":
+            mlp[new_key] = value
+    config = BlipConfig.from_pretrained(base)
+    config.vision_config.image_size = 224
+    model = BlipForImageTextRetrieval(config)
+    missing, _ = model.load_state_dict(blip, strict=False)
+    missing = [k for k in missing if k.startswith(("vision_model.", "text_encoder.")) and "position_ids" not in k]
+    if missing:
+        raise KeyError(f"ImageReward checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
+    processor = BlipProcessor.from_pretrained(base)
+    processor.image_processor.size = {"height": 224, "width": 224}
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in mlp.items()}, str(Path(out_dir) / IMAGEREWARD_HEAD))
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------- VLM judges
+
+QWENVL_TASK = """
+Your role is to evaluate the aesthetic quality score of given images.
+1. Bad: Extremely blurry, underexposed with significant noise, indiscernible subjects, and chaotic composition.
+2. Poor: Noticeable blur, poor lighting, washed-out colors, and awkward composition with cut-off subjects.
+3. Fair: In focus with adequate lighting, dull colors, decent composition but lacks creativity.
+4. Good: Sharp, good exposure, vibrant colors, thoughtful composition with a clear focal point.
+5. Excellent: Exceptional clarity, perfect exposure, rich colors, masterful composition with emotional impact.
+
+Please first provide a detailed analysis of the evaluation process, including the criteria for judging aesthetic quality, within the <Thought> tag. Then, give a final score from 1 to 5 within the <Score> tag.
+<Thought>
+[Analyze the evaluation process in detail here]
+</Thought>
+<Score>X</Score>
+"""
+QWENVL_MAX_NEW_TOKENS = 512
+
+
+def qwenvl_score(text):
+    """`<Score>N</Score>` -> N/5, anything else 0 (published parsing, §12)."""
+    match = re.search(r"<Score>(\d+)</Score>", text)
+    return float(match.group(1)) / 5 if match else 0.0
+
+
+def unifiedreward_question(prompt):
+    """UnifiedReward's published request text (§13): alignment + quality, 1–5 after "Final Score:"."""
+    return ("<image>\nYou are given a text caption and a generated image based on that caption. Your task is to "
+            "evaluate this image based on two key criteria:\n1. Alignment with the Caption: Assess how well this "
+            "image aligns with the provided caption. Consider the accuracy of depicted objects, their relationships, "
+            "and attributes as described in the caption.\n2. Overall Image Quality: Examine the visual quality of "
+            "this image, including clarity, detail preservation, color accuracy, and overall aesthetic appeal.\n"
+            "Based on the above criteria, assign a score from 1 to 5 after 'Final Score:'.\nYour task is provided as "
+            f"follows:\nText Caption: [{prompt}]")
+
+
+def unifiedreward_score(text):
+    """`Final Score: x` (x in 1–5, decimals allowed) -> x/5, anything else 0 (published parsing)."""
+    match = re.search(r"Final Score:\s*([1-5](?:\.\d+)?)", text)
+    return float(match.group(1)) / 5 if match else 0.0
+
+
+def png_data_url(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class ChatClient:
+    """A minimal OpenAI-compatible chat-completions client (vLLM, sglang, ...) on the standard
+    library: bounded retries and timeouts, and an error, never a silent zero, when the server is
+    down or answers malformed JSON. Env CLEANFLOW_VLM_API_KEY sets the bearer token and
+    CLEANFLOW_VLM_MODEL the model name (default: the first model the server lists)."""
+
+    def __init__(self, base_url, timeout=120.0, retries=3, max_concurrency=16):
+        self.base_url = base_url.rstrip("/")
+        self.timeout, self.retries, self.max_concurrency = timeout, retries, max_concurrency
+        self.api_key = os.environ.get("CLEANFLOW_VLM_API_KEY")
+        self.model = os.environ.get("CLEANFLOW_VLM_MODEL") or self._first_model()  # also checks the server is up
+
+    def _request(self, path, body=None):
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None if body is None else json.dumps(body).encode()
+        last_error = None
+        for attempt in range(self.retries):
+            request = urllib.request.Request(self.base_url + path, data=data, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                if error.code < 500:  # a client error will not go away by retrying
+                    raise RuntimeError(f"{self.base_url}{path}: HTTP {error.code}: {error.read()[:300]!r}") from None
+                last_error = error
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                last_error = error
+            except json.JSONDecodeError as error:
+                raise RuntimeError(f"{self.base_url}{path}: the server's answer is not JSON ({error})") from None
+            threading.Event().wait(min(2.0 ** attempt, 10.0))
+        raise RuntimeError(f"reward server {self.base_url}{path} failed after {self.retries} tries: {last_error!r}")
+
+    def _first_model(self):
+        models = self._request("/models").get("data") or []
+        if not models:
+            raise RuntimeError(f"{self.base_url}/models lists no model; set CLEANFLOW_VLM_MODEL")
+        return models[0]["id"]
+
+    def complete(self, content):
+        """One user message (a list of OpenAI content parts) -> the reply text, temperature 0."""
+        answer = self._request("/chat/completions", {"model": self.model, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": content}]})
+        try:
+            return answer["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise RuntimeError(f"{self.base_url}: malformed chat completion {str(answer)[:300]}") from None
+
+    def complete_all(self, contents):
+        """One concurrent request per item (published: one request per image)."""
+        with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(contents)))) as pool:
+            return list(pool.map(self.complete, contents))
+
+
+def _is_url(arg):
+    return bool(arg) and str(arg).startswith(("http://", "https://"))
+
+
+def unifiedreward_reward(arg=None):
+    """UnifiedReward-7b-v1.5 behind an OpenAI-compatible server (sglang in the published recipe):
+    one request per image (resized to 512x512, PNG data URL), temperature 0, 1–5 "Final Score"
+    / 5, in [0, 1]; 0 when the answer has no score. `arg`: the server's `/v1` base URL."""
+    client = ChatClient(arg or "http://127.0.0.1:17140/v1")
+
+    def fn(images, prompts, metadata):
+        contents = [[{"type": "image_url", "image_url": {"url": png_data_url(image.resize((512, 512)))}},
+                     {"type": "text", "text": unifiedreward_question(prompt)}]
+                    for image, prompt in zip(to_pil(images), prompts)]
+        return {"unifiedreward": np.array([unifiedreward_score(t) for t in client.complete_all(contents)],
+                                          dtype=np.float32)}
+
+    return fn
+
+
+def qwenvl_reward(arg=None):
+    """Qwen2.5-VL as an aesthetic judge with the published rubric (the prompt text is ignored):
+    `<Score>N</Score>` -> N/5, else 0. `arg`: a local model directory or hub id (transformers,
+    default Qwen/Qwen2.5-VL-7B-Instruct), or an http(s) `/v1` URL of an OpenAI-compatible server."""
+    if _is_url(arg):
+        client = ChatClient(arg)
+
+        def remote(images, prompts, metadata):
+            contents = [[{"type": "image_url", "image_url": {"url": png_data_url(image)}},
+                         {"type": "text", "text": QWENVL_TASK}] for image in to_pil(images)]
+            return {"qwenvl": np.array([qwenvl_score(t) for t in client.complete_all(contents)], dtype=np.float32)}
+
+        return remote
+
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    path, device = _hub_or_path(arg, "Qwen/Qwen2.5-VL-7B-Instruct"), reward_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"  # batched generation continues every row from its end
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval().to(device)
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QWENVL_TASK}]}]
+    text = processor.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+
+    def local(images, prompts, metadata):
+        pil = to_pil(images)
+        with torch_threads(), torch.no_grad():
+            inputs = processor(text=[text] * len(pil), images=pil, padding=True, return_tensors="pt").to(device)
+            generated = model.generate(**inputs, max_new_tokens=QWENVL_MAX_NEW_TOKENS, do_sample=False)
+        replies = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return {"qwenvl": np.array([qwenvl_score(r) for r in replies], dtype=np.float32)}
+
+    return local

@@ -1,0 +1,107 @@
+"""The reward registry: spec grammar, start-up errors, the weighted combiner (weight 0 logs but
+does not move advantages), and a multi-reward flow_grpo run on the toy world."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flow_grpo
+from common import rewards
+from common.outputs import read_metrics
+from common.rewards import MultiReward, parse_reward_spec
+
+PUBLISHED = ["shapes", "jpeg_compressibility", "jpeg_incompressibility", "ocr", "aesthetic", "clipscore", "pickscore",
+             "image_similarity", "imagereward", "hpsv2", "qwenvl", "unifiedreward", "remote", "geneval", "deqa"]
+
+
+def test_every_reward_is_registered_and_model_modules_stay_unimported():
+    assert set(PUBLISHED) <= set(rewards.REWARDS)
+    for name, factory in rewards.REWARDS.items():
+        if isinstance(factory, str):
+            module, _, attribute = factory.partition(":")
+            assert module.startswith("common.") and attribute.endswith("_reward"), name
+
+
+def test_spec_grammar():
+    assert parse_reward_spec("shapes") == {"shapes": 1.0}
+    assert parse_reward_spec("shapes=1, jpeg_compressibility=0") == {"shapes": 1.0, "jpeg_compressibility": 0.0}
+    assert parse_reward_spec("pickscore:/models/PickScore_v1=0.5,clipscore") == {
+        "pickscore:/models/PickScore_v1": 0.5, "clipscore": 1.0}
+    assert parse_reward_spec("unifiedreward:http://127.0.0.1:17140/v1=1e-1") == {
+        "unifiedreward:http://127.0.0.1:17140/v1": 0.1}
+    # an `=` inside the argument (a URL query) is not a weight unless what follows is a number
+    assert parse_reward_spec("remote:http://h:1/?mode=fast") == {"remote:http://h:1/?mode=fast": 1.0}
+    assert parse_reward_spec("remote:http://h:1/?mode=fast=2") == {"remote:http://h:1/?mode=fast": 2.0}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("pickscor=1", "unknown reward 'pickscor'; choose from"),
+    ("shapes=heavy", "must be a number"),
+    ("shapes,shapes=2", "appears twice"),
+    ("pickscore:=1", "empty argument"),
+])
+def test_bad_specs_fail_before_any_model_loads(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_reward_spec(spec)
+
+
+def test_a_missing_extra_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rapidocr" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install 'cleanflow\[ocr\]'"):
+        parse_reward_spec("shapes=1,ocr=0.2")
+    # and through the trainer's validation, before anything loads
+    with pytest.raises(ImportError, match=r"cleanflow\[ocr\]"):
+        flow_grpo.validate(flow_grpo.parse_args(["--reward", "ocr"]))
+
+
+def toy_batch():
+    from common.data import load_prompts
+
+    prompts = load_prompts("toy", "test")[:6]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(len(prompts), 3, 64, 64, generator=generator)
+    return images, [p.text for p in prompts], [p.metadata for p in prompts]
+
+
+def test_weight_zero_is_logged_but_does_not_change_the_average():
+    images, prompts, metadata = toy_batch()
+    alone = MultiReward(parse_reward_spec("shapes"))(images, prompts, metadata)
+    both = MultiReward(parse_reward_spec("shapes=1,jpeg_compressibility=0"))(images, prompts, metadata)
+    assert set(both) == {"shapes", "shapes_strict", "jpeg_compressibility", "avg"}
+    np.testing.assert_array_equal(both["avg"], alone["avg"])
+    assert np.all(both["jpeg_compressibility"] < 0)  # computed although its weight is 0
+    # so the advantages are those of shapes alone
+    ids = np.array([0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(flow_grpo.group_advantages(both["avg"], ids),
+                                  flow_grpo.group_advantages(alone["avg"], ids))
+
+
+def test_weighted_average_is_not_normalised():
+    images, prompts, metadata = toy_batch()
+    out = MultiReward(parse_reward_spec("shapes=0.5,jpeg_compressibility=2"))(images, prompts, metadata)
+    np.testing.assert_allclose(out["avg"], 0.5 * out["shapes"] + 2 * out["jpeg_compressibility"], rtol=1e-6)
+
+
+def test_jpeg_scale_matches_the_reference():
+    """§12: -(kB at quality 95)/500, about -0.05 ... -0.3 at 512 px; noise is the incompressible end."""
+    flat, noise = torch.full((1, 3, 512, 512), 0.5), torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+    fn = rewards.jpeg_compressibility_reward()
+    assert -0.02 < fn(flat, [""], [{}])["jpeg_compressibility"][0] < 0
+    assert fn(noise, [""], [{}])["jpeg_compressibility"][0] < -0.3
+
+
+def test_multi_reward_run_on_the_toy_world_logs_every_component(tmp_path):
+    args = flow_grpo.parse_args(["--num-epochs", "1", "--batch-size", "4", "--group-size", "2", "--batches-per-epoch",
+                                 "1", "--updates-per-epoch", "1", "--eval-every", "0", "--track", "none",
+                                 "--num-steps", "4", "--reward", "shapes=1.0,jpeg_compressibility=0",
+                                 "--output-dir", str(tmp_path / "run")])
+    record = read_metrics(Path(flow_grpo.main(args)) / "metrics.jsonl")[0]
+    for key in ("reward/shapes", "reward/shapes_strict", "reward/jpeg_compressibility", "reward/avg", "reward/mean"):
+        assert np.isfinite(record[key]), key
+    assert record["reward/jpeg_compressibility"] < 0
+    assert record["reward/avg"] == pytest.approx(record["reward/shapes"], abs=1e-6)  # weight 0 adds nothing
+    assert record["reward/mean"] == pytest.approx(record["reward/avg"], abs=1e-6)
