@@ -123,3 +123,14 @@ def export_lora(transformer, directory, adapter_name="default", merged=False):
         fused.unload_lora()
         fused.save_pretrained(directory / "merged_transformer")
     return directory
+
+
+def copy_lora_adapter(transformer, source="default", target="ref"):
+    """Copy one peft LoRA adapter's weights into another of the same shape, in place (e.g. the
+    learner into the rollout/reference adapter of OnlineDPO); both stay loaded."""
+    from peft import set_peft_model_state_dict
+
+    with torch.no_grad():
+        result = set_peft_model_state_dict(transformer, lora_state_dict(transformer, source), adapter_name=target)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"adapters {source!r} and {target!r} differ: {result.unexpected_keys[:3]}")
