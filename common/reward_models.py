@@ -173,7 +173,7 @@ class Clip:
         return embeds / embeds.norm(dim=-1, keepdim=True)
 
     def logit_scale(self):
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
 
 def _text_image_cosine(clip, images, prompts):
@@ -197,7 +197,7 @@ def pickscore_reward(arg=None):
     (§12, §16 #28): ≈ 0.8–0.9, x26 the paper's 21.7–23.6. `arg`: a local PickScore directory;
     its processor files are used when present, else the CLIP-H hub processor."""
     model_path = _hub_or_path(arg, "yuvalkirstain/PickScore_v1")
-    has_processor = arg and (Path(arg) / "preprocessor_config.json").exists()
+    has_processor = arg and any((Path(arg) / f).exists() for f in ("preprocessor_config.json", "processor_config.json"))
     clip = Clip(model_path, processor_path=model_path if has_processor else PICKSCORE_PROCESSOR)
     return lambda images, prompts, metadata: {
         "pickscore": (clip.logit_scale() * _text_image_cosine(clip, images, prompts) / 26).astype(np.float32)}
@@ -276,6 +276,7 @@ def image_similarity_reward(arg=None):
 # ImageReward-v1.0 standardises the head's output with these constants (its ImageReward.py)
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
 IMAGEREWARD_HEAD = "imagereward_head.safetensors"
+IMAGEREWARD_IMAGE_SIZE = 224  # ImageReward resizes to 224 (BLIP-large checkpoints on the hub use 384)
 
 
 def imagereward_reward(arg=None):
@@ -350,14 +351,14 @@ def convert_imagereward(checkpoint, out_dir, base="Salesforce/blip-itm-large-coc
         elif module == "mlp":
             mlp[new_key] = value
     config = BlipConfig.from_pretrained(base)
-    config.vision_config.image_size = 224
+    config.vision_config.image_size = IMAGEREWARD_IMAGE_SIZE
     model = BlipForImageTextRetrieval(config)
     missing, _ = model.load_state_dict(blip, strict=False)
     missing = [k for k in missing if k.startswith(("vision_model.", "text_encoder.")) and "position_ids" not in k]
     if missing:
         raise KeyError(f"ImageReward checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
     processor = BlipProcessor.from_pretrained(base)
-    processor.image_processor.size = {"height": 224, "width": 224}
+    processor.image_processor.size = {"height": IMAGEREWARD_IMAGE_SIZE, "width": IMAGEREWARD_IMAGE_SIZE}
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     save_file({k: v.contiguous() for k, v in mlp.items()}, str(Path(out_dir) / IMAGEREWARD_HEAD))
