@@ -382,6 +382,8 @@ Please first provide a detailed analysis of the evaluation process, including th
 <Score>X</Score>
 """
 QWENVL_MAX_NEW_TOKENS = 512
+QWENVL_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+               "<|vision_start|>{image}<|vision_end|>{task}<|im_end|>\n<|im_start|>assistant\n")
 
 
 def qwenvl_score(text):
@@ -444,8 +446,13 @@ class ChatClient:
                 last_error = error
             except json.JSONDecodeError as error:
                 raise RuntimeError(f"{self.base_url}{path}: the server's answer is not JSON ({error})") from None
-            threading.Event().wait(min(2.0 ** attempt, 10.0))
+            if attempt + 1 < self.retries:
+                threading.Event().wait(self.backoff(attempt))
         raise RuntimeError(f"reward server {self.base_url}{path} failed after {self.retries} tries: {last_error!r}")
+
+    def backoff(self, attempt):
+        """Seconds to wait before retry `attempt + 1`."""
+        return min(2.0 ** attempt, 10.0)
 
     def _first_model(self):
         models = self._request("/models").get("data") or []
@@ -502,22 +509,31 @@ def qwenvl_reward(arg=None):
 
         return remote
 
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+    # Qwen2.5-VL's transformers processor cannot be built without torchvision (its video half), so
+    # the two halves it combines are used directly: the image processor and the tokenizer, with
+    # the chat template's rendering of one image + text written out (the default system turn
+    # included) and each image pad expanded to the image's merged patch count, as the processor does.
     path, device = _hub_or_path(arg, "Qwen/Qwen2.5-VL-7B-Instruct"), reward_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"  # batched generation continues every row from its end
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")  # generation continues each row's end
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval().to(device)
-    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QWENVL_TASK}]}]
-    text = processor.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+    merge = image_processor.merge_size ** 2
 
     def local(images, prompts, metadata):
-        pil = to_pil(images)
+        vision = image_processor(images=to_pil(images), return_tensors="pt")
+        texts = [QWENVL_CHAT.format(image="<|image_pad|>" * (int(grid.prod()) // merge), task=QWENVL_TASK)
+                 for grid in vision["image_grid_thw"]]
+        tokens = tokenizer(texts, padding=True, return_tensors="pt")
         with torch_threads(), torch.no_grad():
-            inputs = processor(text=[text] * len(pil), images=pil, padding=True, return_tensors="pt").to(device)
-            generated = model.generate(**inputs, max_new_tokens=QWENVL_MAX_NEW_TOKENS, do_sample=False)
-        replies = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            generated = model.generate(input_ids=tokens["input_ids"].to(device),
+                                       attention_mask=tokens["attention_mask"].to(device),
+                                       pixel_values=vision["pixel_values"].to(device, dtype),
+                                       image_grid_thw=vision["image_grid_thw"].to(device),
+                                       max_new_tokens=QWENVL_MAX_NEW_TOKENS, do_sample=False)
+        replies = tokenizer.batch_decode(generated[:, tokens["input_ids"].shape[1]:], skip_special_tokens=True)
         return {"qwenvl": np.array([qwenvl_score(r) for r in replies], dtype=np.float32)}
 
     return local
