@@ -6,11 +6,13 @@ with `arg` from the spec (`name:arg=weight`), usually a local model directory or
 time: each factory imports its library and loads its weights when the run builds its rewards.
 Scales follow ALGORITHMS.md §12 (the published code's, quirks included).
 
-Threads. Rewards run in a thread beside sampling. On CPU each model call runs under
-`torch_threads(REWARD_THREADS)` (default 1, env `CLEANFLOW_REWARD_THREADS`): torch keeps the
-intra-op thread count per OS thread (OpenMP), so setting it inside the reward thread does not
-change the sampler's, and it is restored afterwards because torch also uses it as the default
-for threads created later. onnxruntime (OCR) gets `intra_op_num_threads` per session instead.
+Threads. Rewards run in a thread beside sampling. Each model call runs under
+`torch_threads(REWARD_THREADS)` (default 1, env `CLEANFLOW_REWARD_THREADS`). torch's
+`set_num_threads` is not simply process-global: the OpenMP count is per OS thread, and the value
+also becomes the default that each thread adopts on its first torch call. So setting it inside
+the reward thread leaves an already-running sampler thread alone (the factories run in the
+trainer's thread and fix its count first), and it is restored after every call so that threads
+started later do not inherit 1. onnxruntime (OCR) gets `intra_op_num_threads` per session instead.
 """
 
 import base64
@@ -37,7 +39,11 @@ _thread_lock = threading.Lock()
 
 
 def reward_device():
-    """This process's GPU when there is one (accelerate sets it per rank), else the CPU."""
+    """This process's GPU when there is one (accelerate sets it per rank), else the CPU. Called by
+    every torch factory in the trainer's thread, which also fixes that thread's torch thread
+    count now: torch reads the process-wide default lazily, once per OS thread, and the reward
+    thread changes that default while it scores."""
+    torch.get_num_threads()
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

@@ -2,6 +2,10 @@
 does not move advantages), and a multi-reward flow_grpo run on the toy world."""
 
 import importlib.util
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ from common import rewards
 from common.outputs import read_metrics
 from common.rewards import MultiReward, parse_reward_spec
 
+ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ["shapes", "jpeg_compressibility", "jpeg_incompressibility", "ocr", "aesthetic", "clipscore", "pickscore",
              "image_similarity", "imagereward", "hpsv2", "qwenvl", "unifiedreward", "remote", "geneval", "deqa"]
 
@@ -105,3 +110,36 @@ def test_multi_reward_run_on_the_toy_world_logs_every_component(tmp_path):
     assert record["reward/jpeg_compressibility"] < 0
     assert record["reward/avg"] == pytest.approx(record["reward/shapes"], abs=1e-6)  # weight 0 adds nothing
     assert record["reward/mean"] == pytest.approx(record["reward/avg"], abs=1e-6)
+
+
+def test_importing_the_registry_loads_no_model_library():
+    code = ("import sys, common.rewards as r; r.parse_reward_spec('shapes=1,ocr=0,pickscore:/x=1,qwenvl=1'); "
+            "print(sorted(m for m in ('torch', 'transformers', 'rapidocr', 'onnxruntime', 'common.reward_models') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_reward_thread_count_is_pinned_without_touching_the_caller():
+    from common.reward_models import reward_device, torch_threads
+
+    torch.set_num_threads(2)
+    reward_device()  # what every model factory does in the trainer's thread
+    seen = {}
+
+    def reward_thread():
+        with torch_threads(1):
+            seen["inside"] = torch.get_num_threads()
+            seen["main_meanwhile"] = main_count.wait(5)
+        seen["after"] = torch.get_num_threads()
+
+    main_count = threading.Event()
+    worker = threading.Thread(target=reward_thread)
+    worker.start()
+    while "inside" not in seen:
+        time.sleep(0.01)
+    seen["main"] = torch.get_num_threads()  # torch's intra-op count is per OS thread
+    main_count.set()
+    worker.join()
+    assert seen["inside"] == 1 and seen["main"] == 2 and seen["after"] == 2
+    assert torch.get_num_threads() == 2
