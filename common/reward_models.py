@@ -212,13 +212,70 @@ def pickscore_reward(arg=None):
 def hpsv2_reward(arg=None):
     """HPS v2.1: a CLIP ViT-H/14 fine-tuned on human preferences; the score is the raw cosine
     between image and prompt embeddings (hpsv2's `score`), ≈ 0.2–0.35. `arg`: a directory with
-    the HPS v2.1 weights in transformers CLIP format (the published file is an open_clip
-    checkpoint, `HPS_v2.1_compressed.pt`; convert it once to transformers format)."""
+    the HPS v2.1 weights in transformers CLIP format; the published file is an open_clip
+    checkpoint (`HPS_v2.1_compressed.pt`): convert it once with `convert_hpsv2`."""
     if not arg:
-        raise ValueError("hpsv2 needs a local directory: `--reward hpsv2:/path/to/hps_v2.1_clip` (transformers "
-                         "CLIP format; the published open_clip checkpoint must be converted first)")
+        raise ValueError("hpsv2 needs a local directory: convert HPS_v2.1_compressed.pt once with "
+                         "common.reward_models.convert_hpsv2, then `--reward hpsv2:DIR`")
     clip = Clip(arg)
     return lambda images, prompts, metadata: {"hpsv2": _text_image_cosine(clip, images, prompts).astype(np.float32)}
+
+
+def open_clip_to_transformers(state):
+    """An open_clip CLIP state dict (`visual.transformer.resblocks.0.attn.in_proj_weight`, ...)
+    -> transformers `CLIPModel` keys: fused attention projections split into q/k/v, projections
+    transposed into linear weights."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        tower, rest = ("vision_model.", key[len("visual."):]) if key.startswith("visual.") else ("text_model.", key)
+        if rest.startswith("transformer.resblocks."):
+            layer, _, name = rest[len("transformer.resblocks."):].partition(".")
+            prefix = f"{tower}encoder.layers.{layer}."
+            if name.startswith("attn.in_proj_"):
+                for part, chunk in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"{prefix}self_attn.{part}_proj.{name.rsplit('_', 1)[1]}"] = chunk.clone()
+                continue
+            for old, new in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
+                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                name = name.replace(old, new)
+            out[prefix + name] = value
+            continue
+        renamed = {"visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+                   "visual.class_embedding": "vision_model.embeddings.class_embedding",
+                   "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+                   "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                   "positional_embedding": "text_model.embeddings.position_embedding.weight",
+                   "logit_scale": "logit_scale"}
+        if key in renamed:
+            out[renamed[key]] = value
+        elif key in ("visual.proj", "text_projection"):
+            out["visual_projection.weight" if key == "visual.proj" else "text_projection.weight"] = value.t().contiguous()
+        elif key.startswith(("visual.ln_pre.", "visual.ln_post.", "ln_final.")):
+            group, _, param = key.rpartition(".")
+            target = {"visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm",
+                      "ln_final": "text_model.final_layer_norm"}[group]
+            out[f"{target}.{param}"] = value
+        elif key != "attn_mask":
+            raise KeyError(f"unexpected open_clip key {key!r}")
+    return out
+
+
+def convert_hpsv2(checkpoint, out_dir, base="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+    """Convert the published `HPS_v2.1_compressed.pt` (an open_clip ViT-H-14 checkpoint,
+    `{"state_dict": ...}`) to the transformers directory `hpsv2:DIR` loads, with the
+    architecture and processor of `base` (the transformers port of the same CLIP-H)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = CLIPModel(CLIPConfig.from_pretrained(base))
+    missing, unexpected = model.load_state_dict(open_clip_to_transformers(state.get("state_dict", state)), strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing or unexpected:
+        raise KeyError(f"HPS checkpoint does not match {base}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.save_pretrained(out_dir)
+    CLIPProcessor.from_pretrained(base).save_pretrained(out_dir)
+    return out_dir
 
 
 AESTHETIC_HEAD = "sac+logos+ava1-l14-linearMSE.pth"

@@ -169,3 +169,42 @@ def test_convert_imagereward_checkpoint_round_trip(tmp_path, monkeypatch):
     torch.save(published, tmp_path / "broken.pt")
     with pytest.raises(KeyError, match="lacks 1 weights"):
         reward_models.convert_imagereward(tmp_path / "broken.pt", tmp_path / "broken", base=str(base))
+
+
+def test_convert_hpsv2_from_the_open_clip_layout(tiny_clip_dir, tmp_path):
+    """HPS v2.1 ships as an open_clip checkpoint; written in that layout (fused in_proj, `proj`
+    matrices, `{"state_dict": ...}`), it converts back to the same scores."""
+    hf = CLIPModel.from_pretrained(tiny_clip_dir).state_dict()
+    open_clip = {"attn_mask": torch.zeros(77, 77)}
+    names = {"vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+             "vision_model.embeddings.class_embedding": "visual.class_embedding",
+             "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.embeddings.position_embedding.weight": "positional_embedding", "logit_scale": "logit_scale"}
+    for key, value in hf.items():
+        if key in names:
+            open_clip[names[key]] = value
+        elif key in ("visual_projection.weight", "text_projection.weight"):
+            open_clip["visual.proj" if key.startswith("visual") else "text_projection"] = value.t()
+        elif ".encoder.layers." in key:
+            tower, rest = key.split(".encoder.layers.")
+            layer, name = rest.split(".", 1)
+            prefix = ("visual." if tower == "vision_model" else "") + f"transformer.resblocks.{layer}."
+            if name.startswith("self_attn.") and name[10] in "qkv" and name[11:17] == "_proj.":
+                if name[10] == "q":
+                    param = name.rsplit(".", 1)[1]
+                    fused = [hf[f"{tower}.encoder.layers.{layer}.self_attn.{p}_proj.{param}"] for p in "qkv"]
+                    open_clip[f"{prefix}attn.in_proj_{param}"] = torch.cat(fused)
+                continue
+            for new, old in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                name = name.replace(new, old)
+            open_clip[prefix + name] = value
+        elif "position_ids" not in key:
+            old = {"vision_model.pre_layrnorm": "visual.ln_pre", "vision_model.post_layernorm": "visual.ln_post",
+                   "text_model.final_layer_norm": "ln_final"}[key.rsplit(".", 1)[0]]
+            open_clip[f"{old}.{key.rsplit('.', 1)[1]}"] = value
+    torch.save({"state_dict": open_clip, "epoch": 1}, tmp_path / "HPS_v2.1_compressed.pt")
+    converted = reward_models.convert_hpsv2(tmp_path / "HPS_v2.1_compressed.pt", tmp_path / "hps", base=str(tiny_clip_dir))
+    ours = MultiReward(parse_reward_spec(f"hpsv2:{converted}"))(images(), PROMPTS, [{}] * 3)["hpsv2"]
+    np.testing.assert_allclose(ours, reference_cosines(tiny_clip_dir), rtol=1e-4, atol=1e-5)
