@@ -93,3 +93,33 @@ def plot_curves(path, series, xlabel="epoch", ylabel="reward", title=None):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_ratio_distribution(path, per_step, title=None):
+    """per_step: {denoising step: {"raw": values, "norm": values}} -> box plots of the raw and the
+    normalised importance ratio side by side at each step (GRPO-Guard's diagnostic figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [j for j in sorted(per_step) if len(per_step[j]["raw"])]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(steps) + 2), 4))
+    for offset, kind, color in ((-0.18, "raw", "tab:red"), (0.18, "norm", "tab:blue")):
+        data = [np.asarray(per_step[j][kind], dtype=np.float64) for j in steps]
+        box = ax.boxplot(data, positions=[i + offset for i in range(len(steps))], widths=0.3, showfliers=False,
+                         patch_artist=True)
+        for patch in box["boxes"]:
+            patch.set_facecolor(color)
+            patch.set_alpha(0.5)
+        ax.plot([], [], color=color, lw=6, alpha=0.5, label={"raw": "raw ratio", "norm": "normalised ratio"}[kind])
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(steps)), [str(j) for j in steps])
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("importance ratio (off-policy micro-steps)")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
