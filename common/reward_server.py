@@ -241,10 +241,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._reply(status, {"error": message})
 
+    def _authorized(self):
+        """Every endpoint needs the token when one is set (the health reply names the hosted reward)."""
+        token = self.reward_server.token
+        if token is None or hmac.compare_digest(self.headers.get("Authorization", "").encode(),
+                                                f"Bearer {token}".encode()):
+            return True
+        self._fail(401, "missing or wrong bearer token (the client reads $CLEANFLOW_REWARD_TOKEN)")
+        return False
+
     def do_GET(self):
         server = self.reward_server
         if self.path != "/health":
             return self._fail(404, f"unknown path {self.path}; use GET /health or POST /score")
+        if not self._authorized():
+            return
         self._reply(200, {"status": "ok", "reward": server.description, "max_images": server.max_images,
                           "max_request_bytes": server.max_request_bytes, "token_required": server.token is not None})
 
@@ -252,10 +263,8 @@ class _Handler(BaseHTTPRequestHandler):
         server = self.reward_server
         if self.path != "/score":
             return self._fail(404, f"unknown path {self.path}; use POST /score")
-        if server.token is not None:
-            given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {server.token}".encode()):
-                return self._fail(401, "missing or wrong bearer token (the client reads $CLEANFLOW_REWARD_TOKEN)")
+        if not self._authorized():
+            return
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             return self._fail(411, "a Content-Length header is required")
@@ -329,6 +338,18 @@ def _describe(error):
     return f"{type(error).__name__}: {error}"
 
 
+def _error_detail(error):
+    """The server's {"error": ...} message of an HTTP error reply, else its body or reason."""
+    try:
+        body = error.read()[:500].decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return str(error.reason)
+    try:
+        return json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return body or str(error.reason)
+
+
 class HttpReward:
     """Shared by the clients: chunking, bounded retries with exponential backoff, a timeout per
     attempt, and a clear error (or NaN scores with `on_error="drop"`) after the last retry.
@@ -368,11 +389,7 @@ class HttpReward:
                 with self.opener.open(request, timeout=self.timeout_s) as response:
                     return response.read()
             except urllib.error.HTTPError as error:
-                detail = error.read()[:500].decode("utf-8", "replace")
-                try:
-                    detail = json.loads(detail)["error"]
-                except (ValueError, KeyError, TypeError):
-                    pass
+                detail = _error_detail(error)
                 if error.code < 500:
                     raise RewardServerError(f"reward server {url} refused the request: HTTP {error.code}: {detail}") from None
                 last = f"HTTP {error.code}: {detail}"

@@ -149,6 +149,8 @@ def test_token(serve):
         RewardClient(server.url, token="wrong", retries=3, backoff_s=1.0)(images, ["a", "b"], [{}, {}])
     assert time.monotonic() - start < 1  # a refusal is not retried
     assert post(server.url + "/score", png_body(1))[0] == 401
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(server.url + "/health", timeout=10)
     assert post(server.url + "/score", png_body(1), {"Authorization": "Bearer s3cret"})[0] == 200
 
 
@@ -368,7 +370,7 @@ def test_trainer_stops_with_a_clear_error_when_the_server_dies(tmp_path, monkeyp
         watcher.start()
         args = flow_grpo.parse_args(["--num-epochs", "6", "--batch-size", "2", "--group-size", "2",
                                      "--batches-per-epoch", "1", "--updates-per-epoch", "1", "--eval-every", "0",
-                                     "--track", "none", "--num-steps", "2", "--save-every", "1",
+                                     "--track", "none", "--num-steps", "2", "--save-every", "1", "--guidance", "1.0",
                                      "--reward", spec, "--output-dir", str(out)])
         with pytest.raises(RewardServerError, match=rf"{url}/score gave no answer after 3 attempt\(s\)"):
             flow_grpo.main(args)
