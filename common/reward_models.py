@@ -108,6 +108,7 @@ def ocr_reward(arg=None):
     first quoted text. Published: PaddleOCR `lang="en"`; here the wheel's PP-OCR recogniser
     (Chinese + English). `arg`: a directory holding `det.onnx` and `rec.onnx` to use other models."""
     check_requirements("ocr")
+    import onnxruntime
     from rapidocr import RapidOCR
 
     # published: PaddleOCR(use_angle_cls=False), whose detector resizes only images larger than
@@ -115,7 +116,7 @@ def ocr_reward(arg=None):
     params = {"Global.log_level": "error", "Global.use_cls": False, "Det.limit_type": "max", "Det.limit_side_len": 960,
               "EngineConfig.onnxruntime.intra_op_num_threads": REWARD_THREADS,
               "EngineConfig.onnxruntime.inter_op_num_threads": 1,
-              "EngineConfig.onnxruntime.use_cuda": torch.cuda.is_available()}
+              "EngineConfig.onnxruntime.use_cuda": "CUDAExecutionProvider" in onnxruntime.get_available_providers()}
     if arg:
         params.update({"Det.model_path": str(Path(arg) / "det.onnx"), "Rec.model_path": str(Path(arg) / "rec.onnx")})
     engine = RapidOCR(params=params)

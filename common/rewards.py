@@ -89,7 +89,11 @@ REQUIREMENTS = {"ocr": (("rapidocr", "onnxruntime"), "ocr")}
 
 
 def check_requirements(name):
-    """Raise ImportError with the install line when `name`'s optional dependencies are missing."""
+    """Raise ImportError with the install line when `name`'s optional dependencies are missing
+    (or its module, for a lazily registered reward). Imports nothing heavy."""
+    factory = REWARDS[name]
+    if isinstance(factory, str) and importlib.util.find_spec(factory.partition(":")[0]) is None:
+        raise ImportError(f"the {name!r} reward's module {factory.partition(':')[0]} is missing from this checkout")
     modules, extra = REQUIREMENTS.get(name, ((), None))
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:

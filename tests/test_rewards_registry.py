@@ -102,7 +102,7 @@ def test_jpeg_scale_matches_the_reference():
 def test_multi_reward_run_on_the_toy_world_logs_every_component(tmp_path):
     args = flow_grpo.parse_args(["--num-epochs", "1", "--batch-size", "4", "--group-size", "2", "--batches-per-epoch",
                                  "1", "--updates-per-epoch", "1", "--eval-every", "0", "--track", "none",
-                                 "--num-steps", "4", "--reward", "shapes=1.0,jpeg_compressibility=0",
+                                 "--num-steps", "2", "--reward", "shapes=1.0,jpeg_compressibility=0",
                                  "--output-dir", str(tmp_path / "run")])
     record = read_metrics(Path(flow_grpo.main(args)) / "metrics.jsonl")[0]
     for key in ("reward/shapes", "reward/shapes_strict", "reward/jpeg_compressibility", "reward/avg", "reward/mean"):
