@@ -21,9 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common import rewards as rewards_module
 from common.reward_server import (RewardClient, RewardServer, RewardServerError, deqa_reward,
-                                  geneval_reward, remote_reward)
+                                  geneval_reward)
 from common.rewards import MultiReward, parse_reward_spec
 from common.toy.world import render_prompt, split_prompts
 
@@ -326,36 +325,27 @@ def test_public_pickle_protocol_only_by_opt_in(canned, monkeypatch, serve):
     np.testing.assert_array_equal(again["geneval_strict"], out["geneval_strict"])
 
 
-def start_server_process(spec, *extra, env=None):
-    """`python -m common.reward_server` on a free loopback port; (process, URL)."""
-    process = subprocess.Popen([sys.executable, "-m", "common.reward_server", "--reward", spec, "--port", "0", *extra],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def launch_server(spec, *extra):
+    """`python -m common.reward_server` on a free loopback port (`server_url` waits for it)."""
+    return subprocess.Popen([sys.executable, "-m", "common.reward_server", "--reward", spec, "--port", "0", *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def server_url(process):
     line = process.stdout.readline()
     if " on http://" not in line:
         process.kill()
         raise AssertionError(f"server did not start: {line}{process.stderr.read()}")
-    return process, line.split(" on ")[1].split()[0]
-
-
-def registered(name):
-    try:
-        parse_reward_spec(f"{name}:http://127.0.0.1:1")
-        return True
-    except ValueError:
-        return False
+    return line.split(" on ")[1].split()[0]
 
 
 def test_trainer_stops_with_a_clear_error_when_the_server_dies(tmp_path, monkeypatch):
-    import flow_grpo
+    process = launch_server("shapes")
+    import flow_grpo  # while the server starts
     from common.checkpoint import load_checkpoint, resolve_resume
 
-    process, url = start_server_process("shapes")
     try:
-        if registered("remote"):
-            spec = f"remote:{url}"
-        else:  # the registry entry (issue 7, part A) has not landed: register the client by hand
-            monkeypatch.setitem(rewards_module.REWARDS, "remote", lambda: remote_reward(url))
-            spec = "remote"
+        url = server_url(process)
         for name, value in (("RETRIES", "2"), ("BACKOFF", "0.1"), ("TIMEOUT", "5")):
             monkeypatch.setenv(f"CLEANFLOW_REWARD_{name}", value)
         out = tmp_path / "run"
@@ -371,7 +361,7 @@ def test_trainer_stops_with_a_clear_error_when_the_server_dies(tmp_path, monkeyp
         args = flow_grpo.parse_args(["--num-epochs", "6", "--batch-size", "2", "--group-size", "2",
                                      "--batches-per-epoch", "1", "--updates-per-epoch", "1", "--eval-every", "0",
                                      "--track", "none", "--num-steps", "2", "--save-every", "1", "--guidance", "1.0",
-                                     "--reward", spec, "--output-dir", str(out)])
+                                     "--reward", f"remote:{url}", "--output-dir", str(out)])
         with pytest.raises(RewardServerError, match=rf"{url}/score gave no answer after 3 attempt\(s\)"):
             flow_grpo.main(args)
         watcher.join()
@@ -387,11 +377,11 @@ def test_trainer_stops_with_a_clear_error_when_the_server_dies(tmp_path, monkeyp
     assert records[0]["reward/remote"] == records[0]["reward/mean"]
 
 
-@pytest.mark.skipif(not registered("geneval"), reason="`geneval` is not in the reward registry yet")
 def test_cli_bridges_the_public_protocol_behind_a_flag(canned):
     url = "pickle+" + canned(type("Handler", (PublicServer,), {"requests": []}))
-    process, ours = start_server_process(f"geneval:{url}", "--trust-pickle-server")
+    process = launch_server(f"geneval:{url}", "--trust-pickle-server")
     try:
+        ours = server_url(process)
         out = geneval_reward(ours)(torch.rand(3, 3, 8, 8), ["p"] * 3, [{"include": [{"class": "circle", "count": 1}]}] * 3)
         np.testing.assert_array_equal(out["geneval_strict"], [1, 1, 1])
     finally:
