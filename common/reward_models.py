@@ -106,7 +106,9 @@ def ocr_reward(arg=None):
     """Text rendering: rapidocr (PP-OCR detection + recognition ONNX models shipped in its wheel,
     onnxruntime on CPU or, with onnxruntime-gpu, CUDA) and the published Levenshtein score on the
     first quoted text. Published: PaddleOCR `lang="en"`; here the wheel's PP-OCR recogniser
-    (Chinese + English). `arg`: a directory holding `det.onnx` and `rec.onnx` to use other models."""
+    (Chinese + English). Lines below confidence 0.5 are dropped, as PaddleOCR's `drop_score`."""
+    if arg:
+        raise ValueError("the ocr reward takes no argument (it uses the models in the rapidocr wheel)")
     check_requirements("ocr")
     import onnxruntime
     from rapidocr import RapidOCR
@@ -117,8 +119,6 @@ def ocr_reward(arg=None):
               "EngineConfig.onnxruntime.intra_op_num_threads": REWARD_THREADS,
               "EngineConfig.onnxruntime.inter_op_num_threads": 1,
               "EngineConfig.onnxruntime.use_cuda": "CUDAExecutionProvider" in onnxruntime.get_available_providers()}
-    if arg:
-        params.update({"Det.model_path": str(Path(arg) / "det.onnx"), "Rec.model_path": str(Path(arg) / "rec.onnx")})
     engine = RapidOCR(params=params)
     engine(Image.new("RGB", (32, 32), "white"))  # loads the detector now: a broken install fails at start-up
 
