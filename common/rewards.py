@@ -45,6 +45,15 @@ def shapes_reward():
     return fn
 
 
+def colour_coverage_reward():
+    """The toy world's hackable proxy: share of pixels in the prompt's colours (/0.3, capped at 1).
+    Flooding the canvas maxes it and breaks the shapes; for over-optimisation studies."""
+    from common.toy.detector import colour_coverage
+
+    return lambda images, prompts, metadata: {
+        "colour_coverage": colour_coverage(images.detach().float().cpu().numpy(), metadata)}
+
+
 def _jpeg_kilobytes(images):
     sizes = []
     for array in to_uint8(images):
@@ -66,6 +75,7 @@ def jpeg_incompressibility_reward():
 
 REWARDS = {
     "shapes": shapes_reward,
+    "colour_coverage": colour_coverage_reward,
     "jpeg_compressibility": jpeg_compressibility_reward,
     "jpeg_incompressibility": jpeg_incompressibility_reward,
     "ocr": "common.reward_models:ocr_reward",

@@ -10,7 +10,7 @@ import torch
 from common.data import load_prompts
 from common.rewards import MultiReward, parse_reward_spec
 from common.toy.detector import detect, geneval_score
-from common.toy.world import DATA_DIR, TAGS, render_prompt, split_prompts
+from common.toy.world import COLORS, DATA_DIR, TAGS, render_prompt, split_prompts
 
 
 def test_splits_are_disjoint_cover_every_tag_and_match_the_committed_files():
@@ -88,3 +88,18 @@ def test_bad_reward_specs_fail_clearly():
         parse_reward_spec("pickscor=1.0")
     with pytest.raises(ValueError, match="must be a number"):
         parse_reward_spec("shapes=high")
+
+
+def test_colour_coverage_proxy_is_hackable():
+    # renders score well below the cap; flooding the canvas with the prompt's colour maxes it
+    from common.toy.detector import colour_coverage
+
+    metas = [json.loads(line) for line in (DATA_DIR / "test_metadata.jsonl").read_text().splitlines()][:60]
+    rng = np.random.default_rng(0)
+    renders = np.stack([render_prompt(meta, rng) for meta in metas])
+    flooded = renders.copy()
+    for image, meta in zip(flooded, metas):
+        colour = next((c["color"] for c in meta["include"] if c.get("color")), "red")
+        image[:] = np.array(COLORS[colour], dtype=np.float32)[:, None, None]
+    assert 0.2 < colour_coverage(renders, metas).mean() < 0.6
+    assert colour_coverage(flooded, metas).min() == 1.0

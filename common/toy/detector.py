@@ -121,3 +121,21 @@ def score_images(images, metadata):
     """(partial-credit scores, strict correctness) for a batch of images and their metadata."""
     results = [geneval_score(meta, detect(image)) for image, meta in zip(images, metadata)]
     return np.array([r[0] for r in results], dtype=np.float32), np.array([r[1] for r in results], dtype=bool)
+
+
+def colour_coverage(images, metadata, saturation=0.3):
+    """A deliberately hackable proxy reward: the fraction of pixels painted in the prompt's
+    colours (any palette colour when it names none), divided by `saturation` and capped at 1.
+    A correct render covers ~5-20 % of the image; flooding the canvas with the colour scores 1
+    while destroying the shapes. Used to study over-optimisation (GRPO-Guard's demonstration)."""
+    images = np.asarray(images, dtype=np.float32)
+    scores = []
+    for image, meta in zip(images, metadata):
+        pixels = image.reshape(3, -1).T
+        bright = pixels.max(axis=1) > BRIGHTNESS
+        nearest = ((pixels[:, None, :] - PALETTE[None]) ** 2).sum(-1).argmin(1)
+        wanted = {clause["color"] for clause in meta.get("include", []) if clause.get("color")}
+        indices = [COLOR_NAMES.index(c) for c in wanted] if wanted else list(range(len(COLOR_NAMES)))
+        coverage = (bright & np.isin(nearest, indices)).mean()
+        scores.append(min(1.0, coverage / saturation))
+    return np.array(scores, dtype=np.float32)
