@@ -134,3 +134,67 @@ def copy_lora_adapter(transformer, source="default", target="ref"):
         result = set_peft_model_state_dict(transformer, lora_state_dict(transformer, source), adapter_name=target)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"adapters {source!r} and {target!r} differ: {result.unexpected_keys[:3]}")
+
+
+def resolve_lora(path):
+    """(kind, directory) of a LoRA given as our diffusers export, a PEFT adapter directory, a
+    training checkpoint, or a run's output directory / its `final/` (-> `final/diffusers`)."""
+    root = Path(path)
+    for directory in (root, root / "diffusers", root / "final" / "diffusers"):
+        if (directory / "pytorch_lora_weights.safetensors").is_file():
+            return "diffusers", directory
+    if (root / "adapter_config.json").is_file():
+        return "peft", root
+    if (root / "state.pt").is_file():
+        if not (root / "COMPLETE").exists():
+            raise FileNotFoundError(f"--lora {path}: an incomplete checkpoint (no COMPLETE marker)")
+        return "checkpoint", root
+    raise FileNotFoundError(f"--lora {path}: expected a diffusers LoRA (pytorch_lora_weights.safetensors), a PEFT "
+                            "adapter (adapter_config.json), a checkpoint (state.pt) or a run directory with final/")
+
+
+def load_lora(transformer, path, adapter_name="default", default_alpha=None):
+    """Load a LoRA (anything `resolve_lora` accepts) into `transformer` as the active adapter.
+    A checkpoint's LoRA shapes come from its tensors, its alpha from the run's args
+    (`default_alpha`, the adapter's published one, when the run left it unset); a checkpoint
+    without LoRA tensors is a full fine-tune and overwrites the weights. EMA weights win when the
+    checkpoint has them, as in the run's evaluation and export. Returns the kind loaded."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    kind, directory = resolve_lora(path)
+    if kind == "diffusers":
+        # reads the LoraConfig from the file's metadata (without it alpha would silently become r)
+        transformer.load_lora_adapter(str(directory), prefix="transformer", adapter_name=adapter_name,
+                                      weight_name="pytorch_lora_weights.safetensors")
+        return kind
+    if kind == "peft":
+        config = LoraConfig.from_pretrained(str(directory))
+        state = load_file(str(directory / "adapter_model.safetensors"))
+        state = {k.removeprefix("base_model.model."): v for k, v in state.items()}  # peft's save_pretrained
+        transformer.add_adapter(config, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing:
+            raise ValueError(f"--lora {path} does not fit this model: {len(result.unexpected_keys)} unexpected and "
+                             f"{len(missing)} missing LoRA tensors (e.g. {(result.unexpected_keys + missing)[:2]})")
+        return kind
+    checkpoint = load_checkpoint(directory)
+    trainable = checkpoint["trainable"]
+    if checkpoint.get("ema") is not None:
+        trainable = dict(zip(trainable, checkpoint["ema"]["shadow"]))  # shadow follows the parameter order
+    marker = f".lora_A.{adapter_name}.weight"
+    lora_modules = [name[:-len(marker)] for name in trainable if name.endswith(marker)]
+    if lora_modules:
+        run_args = checkpoint.get("args", {})
+        rank = trainable[lora_modules[0] + marker].shape[0]
+        alpha = run_args.get("lora_alpha") or default_alpha or rank
+        add_lora(transformer, rank, alpha, lora_modules, adapter_name=adapter_name)
+    named = dict(transformer.named_parameters())
+    unknown = [name for name in trainable if name not in named]
+    if unknown:
+        raise ValueError(f"--lora {path}: {len(unknown)} checkpoint tensors are not in this model (e.g. {unknown[:2]})")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            named[name].copy_(value)
+    return kind
