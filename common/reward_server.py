@@ -19,14 +19,15 @@ Security: binds 127.0.0.1 unless `--host` says otherwise (a non-loopback bind ne
 (never on a command line, where `ps` shows it, nor in the reward spec, which trackers log);
 request-size, image-count and pixel limits; JSON only.
 
-Client settings (the trainer only sees `--reward remote:URL`), environment variables:
+Client settings, environment variables (the trainer only sees `--reward remote:URL`; the reward
+spec is split at `,` and `=` and logged by trackers, so no settings or secrets go in the URL):
     CLEANFLOW_REWARD_TOKEN     bearer token sent to our server
     CLEANFLOW_REWARD_TIMEOUT   seconds per attempt (default 120, the public client's)
     CLEANFLOW_REWARD_RETRIES   retries after the first attempt (default 5), exponential backoff
     CLEANFLOW_REWARD_BACKOFF   first backoff in seconds (default 1; doubles, at most 30)
     CLEANFLOW_REWARD_ON_ERROR  `raise` (default): a failed request raises RewardServerError after
-                               the last retry; `drop`: its images get NaN scores (with a warning
-                               giving the count) and the trainer drops them from their groups
+                               the last retry; `drop`: its images get NaN scores (a warning gives
+                               the count) for the trainer to drop from their groups
     CLEANFLOW_REWARD_CHUNK     images per request (default 64, capped by the server's max_images)
 
 The public protocol (yifan123/reward-server: GenEval on :18085, DeQA on :18086) POSTs a pickled
@@ -359,6 +360,7 @@ class HttpReward:
 
     name = "remote"
     chunk_default = 64
+    thread_safe = True  # concurrent calls are fine (our server merges them): a trainer may submit batches in parallel
 
     def __init__(self, url, *, timeout_s=None, retries=None, backoff_s=None, on_error=None, chunk=None):
         self.url = url.rstrip("/")
@@ -618,4 +620,6 @@ def main(args: ServerArgs):
 if __name__ == "__main__":
     import tyro
 
-    main(tyro.cli(ServerArgs, description=__doc__))
+    main(tyro.cli(ServerArgs, description="Host a registered reward (or a weighted mix) over HTTP for the trainer's "
+                                          "`--reward remote:URL`. Protocol, security and client settings: the "
+                                          "docstring of common/reward_server.py."))
