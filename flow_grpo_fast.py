@@ -254,29 +254,37 @@ def validate(args: Args, num_processes: int = 1):
 
 def group_advantages(rewards, group_ids, global_std=True, eps=1e-4):
     """A_i = (R_i - mean of i's group) / (std + eps); std over all rewards or over the group
-    (population std, ddof 0, as published). A group of one gets A = 0."""
+    (population std, ddof 0, as published). A group of one gets A = 0. NaN rewards (samples
+    the reward could not score) are left out of every statistic and get A = 0."""
     rewards = np.asarray(rewards, dtype=np.float64)
     group_ids = np.asarray(group_ids)
+    valid = np.isfinite(rewards)
     advantages = np.zeros_like(rewards)
-    all_std = rewards.std()
+    all_std = rewards[valid].std() if valid.any() else 0.0
     for group in np.unique(group_ids):
-        members = group_ids == group
+        members = (group_ids == group) & valid
         values = rewards[members]
         std = all_std if global_std else values.std()
         advantages[members] = (values - values.mean()) / (std + eps)
     return advantages
 
 
-def zero_std_keep_mask(advantages, num_batches, rng):
+def zero_std_keep_mask(advantages, num_batches, rng, valid=None):
     """Keep samples with a non-zero advantage; if the kept count is not a multiple of
-    `num_batches`, re-enable random dropped samples (advantage 0) until it is (published rule)."""
-    keep = np.asarray(advantages) != 0
-    dropped = np.flatnonzero(~keep)
+    `num_batches`, re-enable random dropped samples (advantage 0) until it is (published rule).
+    Samples marked not `valid` (unscored) are never kept; if too few valid ones are left to pad,
+    random kept ones are dropped down to a multiple instead."""
+    advantages = np.asarray(advantages)
+    valid = np.ones(len(advantages), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    keep = (advantages != 0) & valid
+    dropped = np.flatnonzero(~keep & valid)
     missing = (-int(keep.sum())) % num_batches
-    if missing:
+    if missing and len(dropped) >= missing:
         keep[rng.choice(dropped, size=missing, replace=False)] = True
-    if not keep.any():  # nothing informative at all: train on every sample (all A = 0)
-        keep[:] = True
+    elif missing:
+        keep[rng.choice(np.flatnonzero(keep), size=num_batches - missing, replace=False)] = False
+    if not keep.any():  # nothing informative at all: train on every valid sample (all A = 0)
+        keep = valid.copy()
     return keep
 
 
@@ -352,7 +360,7 @@ def main(args: Args):
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
-    from common.rewards import MultiReward
+    from common.rewards import MultiReward, collect_rewards
     from common.rollout import derive_seed
 
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -473,21 +481,30 @@ def main(args: Args):
             # only the window is stored: W + 1 latents, W log-probs and the window's first grid index
             samples.append({"embeds": embeds, "latents": window_latents, "log_probs": window_log_probs,
                             "window_start": torch.full((len(batch),), b), "indices": torch.tensor(indices)})
-        rewards = [f.result() for f in futures]
+        rewards = collect_rewards(futures, accelerator)
         sampling_s = time.time() - sampling_start
 
         # --- advantages over the gathered epoch (groups keyed by dataset index), this rank's slice
         local_reward = torch.tensor(np.concatenate([r["avg"] for r in rewards]), device=accelerator.device)
         local_ids = torch.cat([s["indices"] for s in samples]).to(accelerator.device)
         all_reward, all_ids = accelerator.gather(local_reward).cpu().numpy(), accelerator.gather(local_ids).cpu().numpy()
+        # a NaN reward is a sample the reward could not score (a remote reward with on_error=drop):
+        # it gets advantage 0 and is never trained on
+        valid = np.isfinite(all_reward)
+        metrics["reward/dropped"] = int((~valid).sum())
+        if valid.mean() < 0.5:
+            accelerator.end_training()
+            raise SystemExit(f"stopping: the reward failed on {(~valid).sum()} of {len(valid)} samples at epoch "
+                             f"{epoch}; the last checkpoint in {output_dir} is intact")
         advantages = group_advantages(all_reward, all_ids, args.global_std)
         per_rank = len(local_reward)
         advantages = torch.tensor(advantages[rank * per_rank:(rank + 1) * per_rank], dtype=torch.float32)
+        local_valid = valid[rank * per_rank:(rank + 1) * per_rank]
         for name in rewards[0]:
             values = accelerator.gather(torch.tensor(np.concatenate([r[name] for r in rewards]),
                                                      device=accelerator.device)).cpu().numpy()
-            metrics[f"reward/{name}"] = float(values.mean())
-        metrics["reward/mean"], metrics["reward/std"] = float(all_reward.mean()), float(all_reward.std())
+            metrics[f"reward/{name}"] = float(np.nanmean(values))
+        metrics["reward/mean"], metrics["reward/std"] = float(all_reward[valid].mean()), float(all_reward[valid].std())
         # distributed bookkeeping: every rank must have drawn the same global prompt list, and the
         # gathered groups must be complete (a multiple of group_size per prompt)
         views = gather_object([drawn]) if world > 1 else [drawn]
@@ -495,8 +512,8 @@ def main(args: Args):
         metrics["dist/ranks_agree"] = float(all(view == views[0] for view in views))
         metrics["dist/complete_groups"] = float(all(c % args.group_size == 0 for c in np.unique(all_ids, return_counts=True)[1]))
         epoch_rng = np.random.default_rng([args.seed, epoch, rank])
-        keep = (zero_std_keep_mask(advantages.numpy(), args.batches_per_epoch, epoch_rng) if args.filter_zero_std
-                else np.ones(per_rank, dtype=bool))
+        keep = (zero_std_keep_mask(advantages.numpy(), args.batches_per_epoch, epoch_rng, local_valid)
+                if args.filter_zero_std else local_valid.copy())
         metrics["train/zero_std_frac"] = float(
             accelerator.gather(torch.tensor([float((advantages == 0).float().mean())], device=accelerator.device)).mean())
 

@@ -180,3 +180,24 @@ class MultiReward:
             avg += self.weights[name] * out[primary]
         out["avg"] = avg.astype(np.float32)
         return out
+
+
+def collect_rewards(futures, accelerator):
+    """The results of an epoch's reward futures, in order. If the reward raised on any rank, every
+    rank stops together with the error (a rank that carried on would wait forever in the next
+    gather); nothing is written, so the last checkpoint stays the resumable state."""
+    import torch
+
+    results, error = [], None
+    for future in futures:
+        try:
+            results.append(future.result())
+        except Exception as exc:  # any reward failure stops the run: never a silent zero
+            error = error or exc
+    failed = torch.tensor([float(error is not None)], device=accelerator.device)
+    if accelerator.gather(failed).sum().item() > 0:
+        accelerator.end_training()
+        reason = f"{type(error).__name__}: {error}" if error is not None else "on another rank"
+        raise SystemExit(f"stopping: the reward failed ({reason}); the last checkpoint is intact, "
+                         "continue with --resume latest") from error
+    return results

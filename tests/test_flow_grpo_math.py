@@ -47,3 +47,20 @@ def test_policy_gradient_pushes_the_mean_towards_positive_advantage_samples():
     loss, _ = ppo_clip_loss(log_prob, log_prob.detach(), torch.tensor([1.0, -1.0]), 0.2, 5.0)
     loss.backward()
     assert mean.grad[0] < 0 < mean.grad[1]  # gradient descent moves mean 0 up, mean 1 down
+
+
+def test_unscored_samples_are_left_out_and_never_kept():
+    # NaN = a sample the reward could not score (remote reward with on_error=drop)
+    rewards = np.array([1.0, 3.0, np.nan, 2.0, 0.0, 4.0])
+    groups = np.array([7, 7, 7, 9, 5, 5])
+    valid = np.isfinite(rewards)
+    std_valid = rewards[valid].std()
+    expected = np.array([-1, 1, 0, 0, -2, 2]) / (std_valid + 1e-4)  # group 9 has one valid member
+    assert np.allclose(group_advantages(rewards, groups), expected)
+    keep = zero_std_keep_mask(expected, 2, np.random.default_rng(0), valid)
+    assert not keep[2] and keep.sum() % 2 == 0 and keep[[0, 1, 4, 5]].all()
+    # too few valid samples to pad to a multiple of 4: drop kept ones instead, never the NaN one
+    keep = zero_std_keep_mask(expected, 4, np.random.default_rng(0), valid)
+    assert not keep[2] and keep.sum() == 4
+    keep = zero_std_keep_mask(np.array([1.0, -1.0, 0.0]), 4, np.random.default_rng(0), np.array([True, True, False]))
+    assert keep.tolist() == [True, True, False]  # nothing reaches a multiple: every valid sample

@@ -154,13 +154,32 @@ def test_non_finite_losses_stop_cleanly_keeping_the_checkpoint(tmp_path, monkeyp
     checkpoint = tmp_path / "nan" / "checkpoint-000001"
     before = (checkpoint / "state.pt").read_bytes()
 
-    def nan_reward():
-        return lambda images, prompts, metadata: {"nan": np.full(len(prompts), np.nan, dtype=np.float32)}
+    # a policy loss that turns NaN (as an fp16 overflow would); a NaN *reward* is an unscored sample instead
+    clip_loss = flow_grpo.ppo_clip_loss
 
-    monkeypatch.setitem(rewards_module.REWARDS, "nan", nan_reward)
+    def nan_loss(*args, **kwargs):
+        loss, stats = clip_loss(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(flow_grpo, "ppo_clip_loss", nan_loss)
     with pytest.warns(UserWarning, match="non-finite loss"):
         with pytest.raises(SystemExit, match="non-finite"):
-            run(tmp_path, "--reward", "nan", "--num-epochs", "3", "--resume", "latest", "--max-nonfinite-steps", "3",
-                name="nan")
+            run(tmp_path, "--num-epochs", "3", "--resume", "latest", "--max-nonfinite-steps", "3", name="nan")
     assert (checkpoint / "state.pt").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "nan").glob("checkpoint-*")) == ["checkpoint-000001"]
+
+
+def test_unscored_samples_are_dropped_and_counted(tmp_path, monkeypatch):
+    # a remote reward with on_error=drop returns NaN for the images it could not score
+    def partly_nan_reward():
+        def fn(images, prompts, metadata):
+            scores = images.float().mean(dim=(1, 2, 3)).numpy().astype(np.float32)
+            scores[0] = np.nan
+            return {"partly_nan": scores}
+        return fn
+
+    monkeypatch.setitem(rewards_module.REWARDS, "partly_nan", partly_nan_reward)
+    records = run(tmp_path, "--reward", "partly_nan", "--batch-size", "8", "--group-size", "4", "--num-epochs", "2")
+    for record in records:
+        assert record["reward/dropped"] == 1 and np.isfinite(record["reward/mean"])
+        assert np.isfinite(record["train/loss"])
