@@ -14,7 +14,7 @@ Launch:
     python flow_grpo.py                    # toy world on the CPU: the learning benchmark
     # one GPU (lower --batch-size to fit; keep group_size dividing batch_size x processes)
     accelerate launch flow_grpo.py --preset sd3 --pretrained stabilityai/stable-diffusion-3.5-medium
-        --prompts path/to/geneval --reward geneval
+        --prompts path/to/geneval --reward geneval:http://127.0.0.1:18090   # GenEval server: see README
     # 8 GPUs on one node
     accelerate launch --multi_gpu --num_processes 8 flow_grpo.py --preset sd3 --pretrained ...
     # the published 32-GPU recipe: 4 nodes, run on each with its --machine_rank
@@ -173,7 +173,7 @@ class Args:
 
 
 # The published SD3.5-M recipe (flow_grpo `geneval_sd3`, 32 GPUs): `--preset sd3`; pass your
-# --prompts and --reward (the GenEval reward is not in the registry yet). On fewer GPUs
+# --prompts and --reward (GenEval: the public server behind our bridge, see README). On fewer GPUs
 # keep group_size dividing batch_size x processes (e.g. the 1-GPU OCR recipe: --batch-size 8
 # --group-size 8 --batches-per-epoch 8 --updates-per-epoch 2).
 PRESETS = {

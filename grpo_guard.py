@@ -30,12 +30,12 @@ Launch:
     python grpo_guard.py                   # toy world on the CPU
     # one GPU (lower --batch-size to fit; keep group_size dividing batch_size x processes)
     accelerate launch grpo_guard.py --preset sd3 --pretrained stabilityai/stable-diffusion-3.5-medium
-        --prompts path/to/geneval --reward geneval
+        --prompts path/to/geneval --reward geneval:http://127.0.0.1:18090   # GenEval server: see README
     # 8 GPUs on one node
-    accelerate launch --multi_gpu --num_processes 8 flow_grpo.py --preset sd3 --pretrained ...
+    accelerate launch --multi_gpu --num_processes 8 grpo_guard.py --preset sd3 --pretrained ...
     # the published 32-GPU recipe: 4 nodes, run on each with its --machine_rank
     accelerate launch --multi_gpu --num_machines 4 --num_processes 32 --machine_rank R
-        --main_process_ip HOST flow_grpo.py --preset sd3 --pretrained ...
+        --main_process_ip HOST grpo_guard.py --preset sd3 --pretrained ...
     # 2 CPU processes (gloo); note `--cpu --num_processes 2` silently starts only one
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
         --dynamo_backend no --main_process_port 0 grpo_guard.py
