@@ -366,7 +366,7 @@ def validate(args: Args, num_processes: int = 1):
         size = len(d.train) if d is not None else sum(len(x.train) for x in datasets)
         if prompts_per_draw > size:
             raise ValueError(f"each batch needs {prompts_per_draw} distinct prompts but "
-                             f"{'dataset ' + d.name if d else 'the teachers’ prompts'} has {size}: raise --group-size")
+                             f"{'dataset ' + d.name if d else 'the pool of all teachers'} has {size}: raise --group-size")
     last = args.num_steps - 1 if args.final_step_ode else args.num_steps
     steps = tuple(j for j in range(int(args.num_steps * args.timestep_fraction)) if j < min(last, args.num_steps - 1))
     if not steps:
@@ -420,9 +420,9 @@ def distillation_loss(objective, log_prob, old_log_prob, kl, advantage, *, clip_
     """The loss of one (micro-batch, step). `kl` (B,): the differentiable per-step KL to the
     teacher; `advantage` (B,): the precomputed detached advantage of pg / mixed (else unused)."""
     if objective == "gkd":
-        loss = distill_weight * kl.mean()
-        return loss, {"ratio": torch.exp(log_prob - old_log_prob).detach(), "approx_kl": kl.new_zeros(()),
-                      "clipfrac": kl.new_zeros(())}
+        log_ratio = (log_prob - old_log_prob).detach()
+        return distill_weight * kl.mean(), {"ratio": torch.exp(log_ratio), "approx_kl": 0.5 * (log_ratio**2).mean(),
+                                            "clipfrac": torch.zeros(())}
     if objective == "legacy_kl_only":
         # public kl_only: NOT detached; the loss is then mean KL·max(r, clip(r)) (kl_scale = -w)
         signal = zscore(kl) if distill_norm == "zscore" else kl

@@ -5,6 +5,7 @@ multi-teacher schedule (which teacher scored each epoch's data), resume, and bad
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     adapter = load_adapter("toy")
     for name, seed in TEACHERS.items():
-        add_lora(adapter.transformer, 4, 8, adapter.lora_target_modules, adapter_name=name)
+        with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+            warnings.simplefilter("ignore")
+            add_lora(adapter.transformer, 4, 8, adapter.lora_target_modules, adapter_name=name)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param_name, param in adapter.transformer.named_parameters():
@@ -71,8 +74,14 @@ def test_smoke_merge_init_student_learns_and_exports(tmp_path, teachers, objecti
 def test_multi_teacher_alternate_schedule_routes_each_epoch(tmp_path, teachers):
     records, _ = run(tmp_path, teachers, "--routing", "alternate", "--epochs-per-cycle", "counting=1",
                      "position=2", "--num-epochs", "4", "--objective", "gkd", "--init", "base",
-                     "--lora-rank", "2", "--lora-alpha", "4")
+                     "--lora-rank", "2", "--lora-alpha", "4", "--teacher-rewards", "position=colour_coverage",
+                     "--eval-every", "4", "--eval-images-per-category", "1")
+    final_eval = records.pop()
+    # evaluation per dataset, each with its own reward
+    assert "eval/counting/accuracy/counting" in final_eval and "eval/position/colour_coverage_mean" in final_eval
+    assert "eval/counting/colour_coverage_mean" not in final_eval
     assert [r["opd/dataset"] for r in records] == ["counting", "position", "position", "counting"]
+    assert ["reward/shapes" in r for r in records] == [True, False, False, True]  # the epoch's task reward
     for r in records:  # every row of the epoch came from that dataset and was scored by its teacher
         assert r["opd/tags"] == [r["opd/dataset"]]
         assert r[f"opd/rows/{r['opd/dataset']}"] == 4
