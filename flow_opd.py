@@ -478,16 +478,20 @@ def main(args: Args):
     sde.use_compile(args.compile)
     torch.manual_seed(args.seed + rank)
     datasets = build_datasets(args)
+    # the cold start is computed before the model loads: mismatched teachers fail here
+    initial = None
+    if args.init in ("delta_average", "factor_average"):
+        initial = merge_loras([d.lora for d in datasets], args.init, rank=args.lora_rank)
+    elif args.init == "lora":
+        initial = read_lora(args.init_lora)
 
     # --- the student LoRA ('default'), then one adapter per teacher (+ the MAR anchor) on the same base
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     adapter = load_adapter(args.model, args.pretrained, device=accelerator.device, dtype=weight_dtype)
     transformer = adapter.transformer
     transformer.requires_grad_(False)
-    if args.init in ("delta_average", "factor_average"):
-        attach_lora(transformer, *merge_loras([d.lora for d in datasets], args.init, rank=args.lora_rank), "default")
-    elif args.init == "lora":
-        attach_lora(transformer, *read_lora(args.init_lora), "default")
+    if initial is not None:
+        attach_lora(transformer, *initial, "default")
     else:
         add_lora(transformer, args.lora_rank or adapter.lora_rank, args.lora_alpha or adapter.lora_alpha,
                  adapter.lora_target_modules)
