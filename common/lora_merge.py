@@ -17,7 +17,7 @@ Two merges of K LoRAs with weights w_k (normalised to sum 1):
 
 Launch:
     python -m common.lora_merge --method delta_average --output runs/opd_init \
-        runs/t_count/final/peft runs/t_pos/final/peft runs/t_attr/final/peft
+        --loras runs/t_count/final/peft runs/t_pos runs/t_attr   # a run directory means its final/peft
     # writes runs/opd_init/peft (adapter_config.json + adapter_model.safetensors) and
     # runs/opd_init/diffusers (pytorch_lora_weights.safetensors), the layout of a run's final/
 """
