@@ -37,6 +37,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
+from common.data import Prompt
 from common.rollout import initial_latents, rollout
 
 
@@ -168,7 +169,7 @@ class Job:
     """One image to generate: its position in the generation list, prompt, seed and file."""
 
     index: int
-    prompt: object
+    prompt: Prompt
     category: str
     seed: int
     file: str
@@ -184,9 +185,9 @@ def _category_files(directory):
 
 
 def load_eval_prompts(spec, split="test"):
-    """`Prompt`s with a category in `metadata["tag"]` (GenEval's tag; for a category folder the
-    file name; `all` for plain prompt files)."""
-    from common.data import SPLITS, Prompt, load_prompts
+    """`Prompt`s whose category is `metadata["tag"]`: GenEval's tag, the file name in a category
+    folder, none (category `all`) for plain prompt files."""
+    from common.data import SPLITS, load_prompts
 
     path = Path(spec)
     has_split_files = path.is_dir() and any((path / f"{split}{suffix}").is_file()
