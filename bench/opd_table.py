@@ -58,6 +58,9 @@ class Args:
     """only evaluate the runs that exist"""
     mix_dir: Optional[str] = None
     """reuse an existing GRPO-Mix run directory"""
+    opd_dir: Optional[str] = None
+    """the Flow-OPD run directory (default OUTPUT/opd); another one trains another variant next to it,
+    reusing the teachers, GRPO-Mix and their cached evaluations"""
 
 
 def parse_pairs(entries):
@@ -172,7 +175,7 @@ def main(args: Args):
     minutes["GRPO-Mix"] = launch(["flow_grpo.py", "--output-dir", str(mix_dir), "--exp-name", "grpo_mix", "--num-epochs",
                                   str(args.epochs), "--max-minutes", "None", "--eval-every", "0", "--track", "none",
                                   "--seed", str(args.seed)], mix_dir, args)
-    opd_dir = out / "opd"
+    opd_dir = Path(args.opd_dir or out / "opd")
     minutes["Flow-OPD (merge init)"] = launch(
         ["flow_opd.py", "--output-dir", str(opd_dir), "--num-epochs", str(args.epochs), "--max-minutes", "None",
          "--eval-every", "0", "--track", "none", "--seed", str(args.seed), "--objective", args.objective,
