@@ -181,8 +181,9 @@ PRESETS = {
     "sd3": Args(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, guidance=4.5, sampler="flow",
                 noise_level=0.7, final_step_ode=False, batch_size=9, group_size=24, batches_per_epoch=4,
                 updates_per_epoch=2, eval_num_steps=40, eval_guidance=4.5, learning_rate=3e-4, clip_range=1e-4,
-                beta=0.04, kl_convention="flowgrpo", global_std=True, ema=True, balance_categories=False, eval_every=60, save_every=60,
-                grid_every=60, num_epochs=100000, max_minutes=None, eval_images_per_category=64),
+                beta=0.04, kl_convention="flowgrpo", global_std=True, ema=True, balance_categories=False,
+                eval_every=60, save_every=60, grid_every=60, num_epochs=100000, max_minutes=None,
+                eval_images_per_category=64),
 }
 
 
