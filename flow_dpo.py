@@ -25,7 +25,7 @@ Launch:
     OMP_NUM_THREADS=1 python bench/flow_dpo_learning.py       # the four toy variants + plot
     # one GPU, the published recipes (sd3_dpo, sd3_online_dpo, sd3_sft, sd3_online_sft)
     accelerate launch flow_dpo.py --preset sd3_online_dpo --pretrained stabilityai/stable-diffusion-3.5-medium
-        --prompts path/to/geneval --reward geneval
+        --prompts path/to/geneval --reward geneval:http://127.0.0.1:18090   # GenEval server: see README
     # 8 GPUs on one node / the published multi-node set-up: as flow_grpo.py
     accelerate launch --multi_gpu --num_processes 8 flow_dpo.py --preset sd3_online_dpo --pretrained ...
     # 2 CPU processes (gloo); note `--cpu --num_processes 2` silently starts only one
