@@ -48,13 +48,19 @@ def classify_shape(component):
     return None
 
 
+def colour_labels(image):
+    """Per pixel of a (3, H, W) image, flattened: the index of the nearest palette colour, or -1
+    where the pixel is too dark to belong to an object."""
+    pixels = np.asarray(image, dtype=np.float32).reshape(3, -1).T
+    bright = pixels.max(axis=1) > BRIGHTNESS
+    nearest = ((pixels[:, None, :] - PALETTE[None]) ** 2).sum(-1).argmin(1)
+    return np.where(bright, nearest, -1)
+
+
 def detect(image):
     """Detections in one float image (3, H, W) in [0, 1]."""
     image = np.asarray(image, dtype=np.float32)
-    pixels = image.reshape(3, -1).T
-    bright = pixels.max(axis=1) > BRIGHTNESS
-    nearest = ((pixels[:, None, :] - PALETTE[None]) ** 2).sum(-1).argmin(1)
-    labels_of_colour = np.where(bright, nearest, -1).reshape(image.shape[1:])
+    labels_of_colour = colour_labels(image).reshape(image.shape[1:])
     detections = []
     for colour_index, colour in enumerate(COLOR_NAMES):
         labels, count = ndimage.label(labels_of_colour == colour_index)  # 4-connected
@@ -131,11 +137,8 @@ def colour_coverage(images, metadata, saturation=0.3):
     images = np.asarray(images, dtype=np.float32)
     scores = []
     for image, meta in zip(images, metadata):
-        pixels = image.reshape(3, -1).T
-        bright = pixels.max(axis=1) > BRIGHTNESS
-        nearest = ((pixels[:, None, :] - PALETTE[None]) ** 2).sum(-1).argmin(1)
         wanted = {clause["color"] for clause in meta.get("include", []) if clause.get("color")}
         indices = [COLOR_NAMES.index(c) for c in wanted] if wanted else list(range(len(COLOR_NAMES)))
-        coverage = (bright & np.isin(nearest, indices)).mean()
+        coverage = np.isin(colour_labels(image), indices).mean()
         scores.append(min(1.0, coverage / saturation))
     return np.array(scores, dtype=np.float32)
