@@ -408,7 +408,7 @@ def main(args: Args):
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
-    from common.rewards import MultiReward
+    from common.rewards import MultiReward, collect_rewards
     from common.rollout import derive_seed, initial_latents, rollout
 
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -530,7 +530,7 @@ def main(args: Args):
                                            [p.metadata for p in batch]))
             finals.append(trajectory.latents[:, -1])
             local_ids.append(torch.tensor(indices))
-        rewards = [f.result() for f in futures]
+        rewards = collect_rewards(futures, accelerator)
         sampling_s = time.time() - sampling_start
 
         # --- gather the epoch; every rank selects the same training set, then takes its slice

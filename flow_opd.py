@@ -469,7 +469,7 @@ def main(args: Args):
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
-    from common.rewards import MultiReward
+    from common.rewards import MultiReward, collect_rewards
     from common.rollout import derive_seed, initial_latents, noise_schedule, rollout
 
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -668,7 +668,7 @@ def main(args: Args):
             samples.append({"embeds": embeds, "latents": trajectory.latents.cpu(), "log_probs": trajectory.log_probs.cpu(),
                             "indices": torch.tensor(indices), "owners": torch.tensor(owners),
                             "teacher_mean": teacher_mean, "teacher_logp": teacher_logp, "anchor_mean": anchor_mean})
-        rewards = [f.result() for f in futures]
+        rewards = collect_rewards(futures, accelerator)
         sampling_s = time.time() - sampling_start
 
         # --- task reward (logged; `mixed` trains on its group advantage), gathered as in flow_grpo
