@@ -448,7 +448,7 @@ def main(args: Args):
         return metrics
 
     executor = ThreadPoolExecutor(max_workers=1)
-    last_ratios = None
+    step_ratios = {}  # the epoch's off-policy ratios per denoising step; the last epoch's are plotted
     start_time, nonfinite_streak = time.time(), 0
     epoch = start_epoch
     for epoch in range(start_epoch, args.num_epochs):
@@ -603,8 +603,6 @@ def main(args: Args):
                                          f"{epoch}; the last checkpoint in {output_dir} is intact")
             bar.close()
         train_s = time.time() - train_start
-        last_ratios = {j: {kind: torch.cat(v).cpu().numpy() if v else [] for kind, v in values.items()}
-                       for j, values in step_ratios.items()}
 
         # --- epoch metrics, checkpoint
         def mean(values):
@@ -652,8 +650,10 @@ def main(args: Args):
         if evals and "eval/accuracy" in evals[0]:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
-        if last_ratios:  # the last epoch's per-step ratio distribution
-            plot_ratio_distribution(output_dir / "ratio_distribution.png", last_ratios, title=args.exp_name)
+        if any(values["raw"] for values in step_ratios.values()):  # the last epoch's per-step distribution
+            plot_ratio_distribution(output_dir / "ratio_distribution.png",
+                                    {j: {kind: torch.cat(v).cpu().numpy() if v else [] for kind, v in values.items()}
+                                     for j, values in step_ratios.items()}, title=args.exp_name)
         context = ema.swapped() if ema is not None else nullcontext()
         with context:
             if args.use_lora:
