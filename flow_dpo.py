@@ -243,11 +243,14 @@ def validate(args: Args, num_processes: int = 1):
 def select_pairs(rewards, group_ids):
     """(winner, loser, tie) index arrays, one pair per group in order of first appearance:
     winner = argmax, loser = argmin of the group's rewards; if all are equal, the group's
-    second member wins and its first loses (the published tie rule)."""
+    second member wins and its first loses (the published tie rule). NaN rewards (unscored
+    samples) take no part; a group with fewer than two scored members gives no pair."""
     rewards, group_ids = np.asarray(rewards, dtype=np.float64), np.asarray(group_ids)
     winners, losers, ties = [], [], []
     for group in dict.fromkeys(group_ids.tolist()):
-        members = np.flatnonzero(group_ids == group)
+        members = np.flatnonzero((group_ids == group) & np.isfinite(rewards))
+        if len(members) < 2:
+            continue
         values = rewards[members]
         tie = bool(values.max() == values.min())
         winners.append(members[1] if tie else members[np.argmax(values)])
@@ -257,9 +260,11 @@ def select_pairs(rewards, group_ids):
 
 
 def select_best(rewards, group_ids):
-    """Indices with A = 1: every sample whose reward equals its group's maximum."""
+    """Indices with A = 1: every scored sample whose reward equals its group's maximum (NaN
+    rewards, unscored samples, are never selected)."""
     rewards, group_ids = np.asarray(rewards, dtype=np.float64), np.asarray(group_ids)
-    best = [i for i in range(len(rewards)) if rewards[i] == rewards[group_ids == group_ids[i]].max()]
+    scored = np.isfinite(rewards)
+    best = [i for i in np.flatnonzero(scored) if rewards[i] == rewards[(group_ids == group_ids[i]) & scored].max()]
     return np.array(best, dtype=np.int64)
 
 
@@ -399,7 +404,7 @@ def main(args: Args):
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
-    from common.rewards import MultiReward, collect_rewards
+    from common.rewards import MultiReward, collect_rewards, gather_reward_metrics
     from common.rollout import derive_seed, initial_latents, rollout
 
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -525,15 +530,10 @@ def main(args: Args):
         sampling_s = time.time() - sampling_start
 
         # --- gather the epoch; every rank selects the same training set, then takes its slice
-        local_reward = torch.tensor(np.concatenate([r["avg"] for r in rewards]), device=accelerator.device)
-        all_reward = accelerator.gather(local_reward).cpu().numpy()
+        all_reward, _, reward_metrics = gather_reward_metrics(rewards, accelerator, epoch)
+        metrics.update(reward_metrics)
         all_ids = accelerator.gather(torch.cat(local_ids).to(accelerator.device)).cpu().numpy()
         all_x0 = accelerator.gather(torch.cat(finals).contiguous()).cpu()
-        for name in rewards[0]:
-            values = accelerator.gather(torch.tensor(np.concatenate([r[name] for r in rewards]),
-                                                     device=accelerator.device)).cpu().numpy()
-            metrics[f"reward/{name}"] = float(values.mean())
-        metrics["reward/mean"], metrics["reward/std"] = float(all_reward.mean()), float(all_reward.std())
         views = gather_object([drawn]) if world > 1 else [drawn]
         metrics["dist/num_processes"] = world
         metrics["dist/ranks_agree"] = float(all(view == views[0] for view in views))
@@ -551,7 +551,7 @@ def main(args: Args):
             chosen = np.stack([winners, losers], axis=1)[rank * share:(rank + 1) * share]  # (P, 2)
         else:
             best = select_best(all_reward, all_ids)
-            tied = np.array([all_reward[all_ids == all_ids[i]].min() == all_reward[i] for i in best])
+            tied = np.array([np.nanmin(all_reward[all_ids == all_ids[i]]) == all_reward[i] for i in best])
             metrics["sft/tie_frac"] = float(tied.mean())
             if args.skip_ties and not tied.all():
                 best = best[~tied]

@@ -301,7 +301,7 @@ def main(args: Args):
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
-    from common.rewards import MultiReward, collect_rewards
+    from common.rewards import MultiReward, collect_rewards, gather_reward_metrics
     from common.rollout import derive_seed, initial_latents, noise_schedule, rollout
 
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -421,27 +421,16 @@ def main(args: Args):
         rewards = collect_rewards(futures, accelerator)
         sampling_s = time.time() - sampling_start
 
-        # --- advantages over the gathered epoch (groups keyed by dataset index), this rank's slice
-        local_reward = torch.tensor(np.concatenate([r["avg"] for r in rewards]), device=accelerator.device)
-        local_ids = torch.cat([s["indices"] for s in samples]).to(accelerator.device)
-        all_reward, all_ids = accelerator.gather(local_reward).cpu().numpy(), accelerator.gather(local_ids).cpu().numpy()
-        # a NaN reward is a sample the reward could not score (a remote reward with on_error=drop):
-        # it gets advantage 0 and is never trained on
-        valid = np.isfinite(all_reward)
-        metrics["reward/dropped"] = int((~valid).sum())
-        if valid.mean() < 0.5:
-            accelerator.end_training()
-            raise SystemExit(f"stopping: the reward failed on {(~valid).sum()} of {len(valid)} samples at epoch "
-                             f"{epoch}; the last checkpoint in {output_dir} is intact")
+        # --- advantages over the gathered epoch (groups keyed by dataset index), this rank's slice.
+        # An unscored sample (NaN reward: a remote reward with on_error=drop) gets advantage 0 and
+        # is never trained on.
+        all_reward, scored, reward_metrics = gather_reward_metrics(rewards, accelerator, epoch)
+        metrics.update(reward_metrics)
+        all_ids = accelerator.gather(torch.cat([s["indices"] for s in samples]).to(accelerator.device)).cpu().numpy()
         advantages = group_advantages(all_reward, all_ids, args.global_std)
-        per_rank = len(local_reward)
+        per_rank = len(all_reward) // world
         advantages = torch.tensor(advantages[rank * per_rank:(rank + 1) * per_rank], dtype=torch.float32)
-        local_valid = valid[rank * per_rank:(rank + 1) * per_rank]
-        for name in rewards[0]:
-            values = accelerator.gather(torch.tensor(np.concatenate([r[name] for r in rewards]),
-                                                     device=accelerator.device)).cpu().numpy()
-            metrics[f"reward/{name}"] = float(np.nanmean(values))
-        metrics["reward/mean"], metrics["reward/std"] = float(all_reward[valid].mean()), float(all_reward[valid].std())
+        local_valid = scored[rank * per_rank:(rank + 1) * per_rank]
         # distributed bookkeeping: every rank must have drawn the same global prompt list, and the
         # gathered groups must be complete (a multiple of group_size per prompt)
         views = gather_object([drawn]) if world > 1 else [drawn]

@@ -394,13 +394,16 @@ def zscore(values, eps=1e-4):
 
 
 def group_advantages(rewards, group_ids, global_std=True, eps=1e-4):
-    """Flow-GRPO's A_i = (R_i - mean of i's group) / (std + eps) (population std), for `mixed`."""
+    """Flow-GRPO's A_i = (R_i - mean of i's group) / (std + eps) (population std), for `mixed`.
+    NaN rewards (unscored samples) are left out of every statistic and get A = 0."""
     rewards = np.asarray(rewards, dtype=np.float64)
     group_ids = np.asarray(group_ids)
+    scored = np.isfinite(rewards)
     advantages = np.zeros_like(rewards)
+    all_std = rewards[scored].std() if scored.any() else 0.0
     for group in np.unique(group_ids):
-        members = group_ids == group
-        std = rewards.std() if global_std else rewards[members].std()
+        members = (group_ids == group) & scored
+        std = all_std if global_std else rewards[members].std()
         advantages[members] = (rewards[members] - rewards[members].mean()) / (std + eps)
     return advantages
 
@@ -469,7 +472,7 @@ def main(args: Args):
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
-    from common.rewards import MultiReward, collect_rewards
+    from common.rewards import MultiReward, collect_rewards, gather_reward_metrics
     from common.rollout import derive_seed, initial_latents, noise_schedule, rollout
 
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -672,17 +675,13 @@ def main(args: Args):
         sampling_s = time.time() - sampling_start
 
         # --- task reward (logged; `mixed` trains on its group advantage), gathered as in flow_grpo
-        local_reward = torch.tensor(np.concatenate([r["avg"] for r in rewards]), device=accelerator.device)
-        local_ids = torch.cat([s["indices"] for s in samples]).to(accelerator.device)
-        all_reward, all_ids = accelerator.gather(local_reward).cpu().numpy(), accelerator.gather(local_ids).cpu().numpy()
-        per_rank = len(local_reward)
+        all_reward, _, reward_metrics = gather_reward_metrics(rewards, accelerator, epoch)
+        metrics.update(reward_metrics)
+        local_ids = torch.cat([s["indices"] for s in samples])
+        all_ids = accelerator.gather(local_ids.to(accelerator.device)).cpu().numpy()
+        per_rank = len(all_reward) // world
         task_adv = torch.tensor(group_advantages(all_reward, all_ids, args.global_std)[rank * per_rank:(rank + 1) * per_rank],
                                 dtype=torch.float32)
-        for name in rewards[0]:
-            values = accelerator.gather(torch.tensor(np.concatenate([r[name] for r in rewards]),
-                                                     device=accelerator.device)).cpu().numpy()
-            metrics[f"reward/{name}"] = float(values.mean())
-        metrics["reward/mean"], metrics["reward/std"] = float(all_reward.mean()), float(all_reward.std())
         views = gather_object([drawn]) if world > 1 else [drawn]
         metrics["dist/num_processes"] = world
         metrics["dist/ranks_agree"] = float(all(view == views[0] for view in views))

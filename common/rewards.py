@@ -201,3 +201,30 @@ def collect_rewards(futures, accelerator):
         raise SystemExit(f"stopping: the reward failed ({reason}); the last checkpoint is intact, "
                          "continue with --resume latest") from error
     return results
+
+
+def gather_reward_metrics(rewards, accelerator, epoch, max_unscored=0.5):
+    """Gather an epoch's rewards (the list `collect_rewards` returned) from every rank.
+
+    Returns (all_reward, scored, metrics): the weighted `avg` of every sample in rank order, a mask
+    of the samples that were scored, and `reward/{component}`, `reward/mean`, `reward/std`,
+    `reward/dropped`. A NaN is a sample the reward could not score (a remote reward with
+    `on_error=drop`): it is left out of every statistic, and callers give it no training signal.
+    If more than `max_unscored` of the epoch is unscored, every rank stops (the reward service is
+    down, not flaky); nothing of this epoch is written, so the last checkpoint is intact."""
+    import torch
+
+    def gathered(name):
+        local = torch.tensor(np.concatenate([r[name] for r in rewards]), device=accelerator.device)
+        return accelerator.gather(local).cpu().numpy()
+
+    all_reward = gathered("avg")
+    scored = np.isfinite(all_reward)
+    if (~scored).mean() > max_unscored:
+        accelerator.end_training()
+        raise SystemExit(f"stopping: the reward could not score {(~scored).sum()} of {len(scored)} samples at "
+                         f"epoch {epoch}; the last checkpoint is intact, continue with --resume latest")
+    metrics = {f"reward/{name}": float(np.nanmean(gathered(name))) for name in rewards[0] if name != "avg"}
+    metrics.update({"reward/avg": float(all_reward[scored].mean()), "reward/mean": float(all_reward[scored].mean()),
+                    "reward/std": float(all_reward[scored].std()), "reward/dropped": int((~scored).sum())})
+    return all_reward, scored, metrics

@@ -72,6 +72,18 @@ def test_select_best_keeps_every_maximum():
     assert flow_dpo.select_best(rewards, ids).tolist() == [1, 2, 3]
 
 
+def test_unscored_samples_never_win_lose_or_count_as_best():
+    # NaN = a sample the reward could not score (remote reward with on_error=drop); np.argmax
+    # alone would pick the NaN as the winner
+    ids = np.array([7, 7, 7, 3, 3, 9, 9])
+    rewards = np.array([0.1, np.nan, 0.9, np.nan, 0.5, 0.3, 0.3])
+    winners, losers, ties = flow_dpo.select_pairs(rewards, ids)
+    assert winners.tolist() == [2, 6]      # group 3 has one scored member: no pair
+    assert losers.tolist() == [0, 5]
+    assert ties.tolist() == [False, True]
+    assert flow_dpo.select_best(rewards, ids).tolist() == [2, 4, 5, 6]
+
+
 def test_pad_to_multiple_duplicates_existing_entries():
     rng = np.random.default_rng(0)
     padded = flow_dpo.pad_to_multiple(np.array([4, 5, 6]), 4, rng)

@@ -4,6 +4,7 @@ gradient (= the gkd gradient), the legacy hybrid's gradient, and the alternate s
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,3 +120,13 @@ def test_parse_named_rejects_bad_entries():
     for bad, message in ((("a",), "NAME=VALUE"), (("a.b=x",), "letters"), (("a=x", "a=y"), "twice")):
         with pytest.raises(ValueError, match=message):
             flow_opd.parse_named(bad, "--t")
+
+
+def test_mixed_task_advantage_leaves_unscored_samples_out():
+    rewards = np.array([1.0, 3.0, np.nan, 2.0, 0.0, 4.0])
+    groups = np.array([7, 7, 7, 9, 5, 5])
+    std = np.nanstd(rewards)
+    expected = np.array([-1, 1, 0, 0, -2, 2]) / (std + 1e-4)
+    assert np.allclose(flow_opd.group_advantages(rewards, groups), expected)
+    per_group = flow_opd.group_advantages(rewards, groups, global_std=False)
+    assert np.allclose(per_group, [-1 / (1 + 1e-4), 1 / (1 + 1e-4), 0, 0, -2 / (2 + 1e-4), 2 / (2 + 1e-4)])

@@ -143,3 +143,21 @@ def test_reward_thread_count_is_pinned_without_touching_the_caller():
     worker.join()
     assert seen["inside"] == 1 and seen["main"] == 2 and seen["after"] == 2
     assert torch.get_num_threads() == 2
+
+
+def test_gathered_reward_metrics_leave_unscored_samples_out():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    batches = [{"shapes": np.array([1.0, np.nan], dtype=np.float32), "avg": np.array([0.5, np.nan], dtype=np.float32)},
+               {"shapes": np.array([0.0, 1.0], dtype=np.float32), "avg": np.array([0.0, 1.5], dtype=np.float32)}]
+    all_reward, scored, metrics = rewards.gather_reward_metrics(batches, accelerator, epoch=3)
+    assert scored.tolist() == [True, False, True, True]
+    assert metrics["reward/dropped"] == 1
+    assert metrics["reward/mean"] == pytest.approx(2 / 3) and metrics["reward/avg"] == pytest.approx(2 / 3)
+    assert metrics["reward/std"] == pytest.approx(np.std([0.5, 0.0, 1.5]))
+    assert metrics["reward/shapes"] == pytest.approx(2 / 3)
+    # more than half unscored: the reward service is down; stop with the reason
+    down = [{"avg": np.array([np.nan, np.nan, 1.0], dtype=np.float32)}]
+    with pytest.raises(SystemExit, match="could not score 2 of 3 samples at epoch 5"):
+        rewards.gather_reward_metrics(down, accelerator, epoch=5)
