@@ -79,17 +79,22 @@ def generate(adapter, prompts, *, num_steps, guidance, seed=0, batch_size=64, re
 
 def summarize(prompts, rewards, strict_key=None):
     """Metric dict: `eval/reward_mean`, each component's mean, and with `strict_key` the strict
-    accuracy per category (`eval/accuracy/<tag>`) and overall (`eval/accuracy`)."""
-    metrics = {"eval/reward_mean": float(np.mean(rewards["avg"]))}
+    accuracy per category (`eval/accuracy/<tag>`) and overall (`eval/accuracy`). Images a remote
+    reward could not score (NaN, `on_error=drop`) are left out of the means and counted in
+    `eval/dropped`."""
+    metrics = {"eval/reward_mean": float(np.nanmean(rewards["avg"]))}
     for name, values in rewards.items():
         if name != "avg":
-            metrics[f"eval/{name}_mean"] = float(np.mean(values))
+            metrics[f"eval/{name}_mean"] = float(np.nanmean(values))
     if strict_key is not None:
         tags = np.array([p.metadata.get("tag", "all") for p in prompts])
         correct = np.asarray(rewards[strict_key], dtype=np.float64)
         for tag in dict.fromkeys(tags):
-            metrics[f"eval/accuracy/{tag}"] = float(correct[tags == tag].mean())
-        metrics["eval/accuracy"] = float(correct.mean())
+            metrics[f"eval/accuracy/{tag}"] = float(np.nanmean(correct[tags == tag]))
+        metrics["eval/accuracy"] = float(np.nanmean(correct))
+    dropped = int((~np.isfinite(np.asarray(rewards["avg"], dtype=np.float64))).sum())
+    if dropped:
+        metrics["eval/dropped"] = dropped
     return metrics
 
 

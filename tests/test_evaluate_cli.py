@@ -175,3 +175,17 @@ BAD = [
 def test_bad_arguments_fail_before_any_model_loads(args, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         ev.validate(args)
+
+
+def test_summary_leaves_unscored_images_out():
+    from common.data import Prompt
+
+    prompts = [Prompt("a", {"tag": "counting"}), Prompt("b", {"tag": "counting"}), Prompt("c", {"tag": "colors"})]
+    rewards = {"shapes": [0.5, float("nan"), 1.0], "shapes_strict": [1.0, float("nan"), 0.0],
+               "avg": [0.5, float("nan"), 1.0]}
+    metrics = ev.summarize(prompts, rewards, "shapes_strict")
+    assert metrics["eval/dropped"] == 1
+    assert metrics["eval/reward_mean"] == 0.75 and metrics["eval/shapes_mean"] == 0.75
+    assert metrics["eval/accuracy/counting"] == 1.0 and metrics["eval/accuracy/colors"] == 0.0
+    assert metrics["eval/accuracy"] == 0.5
+    assert "eval/dropped" not in ev.summarize(prompts[:1], {k: v[:1] for k, v in rewards.items()}, "shapes_strict")
