@@ -37,11 +37,13 @@ def main():
     parser.add_argument("--out", default="runs/fast_vs_grpo")
     parser.add_argument("--figure", default="docs/fast_vs_grpo_learning.png")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--grpo-args", default="", help="extra flow_grpo.py arguments, e.g. '--learning-rate 3e-4'")
+    parser.add_argument("--fast-args", default="", help="extra flow_grpo_fast.py arguments")
     cli = parser.parse_args()
     out = Path(cli.out)
     common = ["--max-minutes", str(cli.minutes), "--seed", str(cli.seed), "--track", "none"]
-    runs = {"flow_grpo": ["flow_grpo.py", "--eval-every", "10"],
-            "flow_grpo_fast (branch)": ["flow_grpo_fast.py", "--eval-every", "20"]}
+    runs = {"flow_grpo": ["flow_grpo.py", "--eval-every", "10", *cli.grpo_args.split()],
+            "flow_grpo_fast (branch)": ["flow_grpo_fast.py", "--eval-every", "20", *cli.fast_args.split()]}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out.mkdir(parents=True, exist_ok=True)
     procs = []
