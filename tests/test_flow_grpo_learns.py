@@ -22,7 +22,10 @@ import flow_grpo
 from common.outputs import read_metrics
 from common.toy.world import split_prompts
 
-WINDOW = 4  # epochs averaged at each end
+# epochs averaged at each end: 3, so that a host running at half speed (measured: 25-30 s per
+# epoch instead of 12-15 on the same 2 cores) still fits two windows in the budget; fewer images
+# per window only make the standard error, and so the bar, larger
+WINDOW = 3
 PROMPTS = ("a photo of two green squares", "a photo of three blue circles")
 
 
@@ -37,7 +40,7 @@ def test_training_reward_rises_by_more_than_three_standard_errors(tmp_path):
                                  "--eval-every", "0", "--track", "none", "--max-minutes", "2.4",
                                  "--num-epochs", "200", *LEARN_ARGS])
     flow_grpo.main(args)
-    assert time.time() - start < 180
+    wall = time.time() - start
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("reward/mean") is not None]
     assert len(records) >= 2 * WINDOW, f"only {len(records)} epochs ran"
     first, last = records[:WINDOW], records[-WINDOW:]
@@ -46,8 +49,10 @@ def test_training_reward_rises_by_more_than_three_standard_errors(tmp_path):
     se = np.sqrt(np.mean([r["reward/std"] ** 2 for r in first]) / images
                  + np.mean([r["reward/std"] ** 2 for r in last]) / images)
     rise = np.mean([r["reward/mean"] for r in last]) - np.mean([r["reward/mean"] for r in first])
-    print(f"reward {np.mean([r['reward/mean'] for r in first]):.3f} -> "
-          f"{np.mean([r['reward/mean'] for r in last]):.3f}, rise {rise:.3f}, SE {se:.4f}, {len(records)} epochs")
+    print(f"reward {np.mean([r['reward/mean'] for r in first]):.5f} -> "
+          f"{np.mean([r['reward/mean'] for r in last]):.5f}, rise {rise:.5f}, SE {se:.5f}, {len(records)} epochs, "
+          f"{wall:.0f} s")
+    assert wall < 180
     assert rise > 3 * se
 
 
