@@ -48,7 +48,6 @@ Launch:
 
 import dataclasses
 import re
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -59,8 +58,8 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-import tyro
 
+from common.cli import parse_with_presets
 from common.data import GroupSampler, category_weights, load_prompts
 from common.lora_merge import resolve_lora_dir
 from common.models import check_model_name
@@ -233,15 +232,7 @@ PRESETS = {
 
 def parse_args(argv=None):
     """`--preset NAME` picks the defaults, then tyro parses the rest on top of them."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    preset = "toy"
-    if "--preset" in argv:
-        i = argv.index("--preset")
-        preset = argv[i + 1] if i + 1 < len(argv) else ""
-        del argv[i:i + 2]
-    if preset not in PRESETS:
-        raise SystemExit(f"--preset {preset!r}: choose one of {sorted(PRESETS)}")
-    return tyro.cli(Args, default=PRESETS[preset], args=argv, description=__doc__)
+    return parse_with_presets(Args, PRESETS, argv, description=__doc__)
 
 
 # ------------------------------------------------------------------------------- teachers and datasets
