@@ -225,6 +225,7 @@ def gather_reward_metrics(rewards, accelerator, epoch, max_unscored=0.5):
         raise SystemExit(f"stopping: the reward could not score {(~scored).sum()} of {len(scored)} samples at "
                          f"epoch {epoch}; the last checkpoint is intact, continue with --resume latest")
     metrics = {f"reward/{name}": float(np.nanmean(gathered(name))) for name in rewards[0] if name != "avg"}
-    metrics.update({"reward/avg": float(all_reward[scored].mean()), "reward/mean": float(all_reward[scored].mean()),
-                    "reward/std": float(all_reward[scored].std()), "reward/dropped": int((~scored).sum())})
+    mean = float(all_reward[scored].mean())
+    metrics.update({"reward/avg": mean, "reward/mean": mean, "reward/std": float(all_reward[scored].std()),
+                    "reward/dropped": int((~scored).sum())})
     return all_reward, scored, metrics
