@@ -402,7 +402,6 @@ def main(args: Args):
     from common.ema import EMA
     from common.evaluate import evaluate
     from common.models import load_adapter
-    from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
     from common.rewards import MultiReward, collect_rewards, gather_reward_metrics
     from common.rollout import derive_seed, initial_latents, rollout
@@ -563,8 +562,7 @@ def main(args: Args):
         metrics["train/samples"] = int(chosen.size)
         x0 = all_x0[torch.from_numpy(chosen)].to(accelerator.device)  # (P, 1 or 2, ...)
         train_embeds = adapter.encode_prompts([train_prompts[j].text for j in all_ids[chosen].reshape(-1)])
-        hidden = train_embeds.hidden.view(*chosen.shape, *train_embeds.hidden.shape[1:])
-        pooled = train_embeds.pooled.view(*chosen.shape, *train_embeds.pooled.shape[1:])
+        embed_rows = torch.arange(chosen.size).view(chosen.shape)  # train_embeds row of each chosen sample
 
         # --- training (no CFG): one accelerate micro-step per (micro-batch, noise draw)
         transformer.train()
@@ -579,7 +577,7 @@ def main(args: Args):
             rows = slice(b * per_micro, (b + 1) * per_micro)
             # winners then losers (dpo) in one forward: the same batch shape for learner and ref
             x_rows = x0[rows].transpose(0, 1).flatten(0, 1)
-            embeds = PromptEmbeds(hidden[rows].transpose(0, 1).flatten(0, 1), pooled[rows].transpose(0, 1).flatten(0, 1))
+            embeds = train_embeds[embed_rows[rows].transpose(0, 1).flatten()]
             for d in range(args.timestep_samples):
                 generator = torch.Generator().manual_seed(derive_seed(args.seed, epoch, b, d, rank, "train"))
                 if args.algorithm == "dpo":  # winner and loser share eps and sigma

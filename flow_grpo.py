@@ -446,8 +446,7 @@ def main(args: Args):
             accelerator.gather(torch.tensor([float((advantages == 0).float().mean())], device=accelerator.device)).mean())
 
         # flatten the epoch's batches into per-sample tensors, keep the informative ones
-        flat = {"hidden": torch.cat([s["embeds"].hidden for s in samples]),
-                "pooled": torch.cat([s["embeds"].pooled for s in samples]),
+        flat = {"embeds": PromptEmbeds.cat([s["embeds"] for s in samples]),
                 "latents": torch.cat([s["latents"] for s in samples]),
                 "log_probs": torch.cat([s["log_probs"] for s in samples]), "advantages": advantages}
         keep_index = torch.from_numpy(np.flatnonzero(keep))
@@ -467,7 +466,7 @@ def main(args: Args):
                        disable=not main_process, leave=False)
             for b in range(args.batches_per_epoch):
                 rows = order[b * micro_batch:(b + 1) * micro_batch]
-                embeds = PromptEmbeds(flat["hidden"][rows], flat["pooled"][rows])
+                embeds = flat["embeds"][rows]
                 x_all, old_all, adv = flat["latents"][rows], flat["log_probs"][rows], flat["advantages"][rows]
                 for j in args.train_steps:
                     with accelerator.accumulate(wrapped):

@@ -297,7 +297,6 @@ def window_rollout(adapter, embeds, indices, seeds, sigmas, window_start, window
     window: `seeds` has one x_T seed per member. branch: one per distinct prompt of `indices`
     (first-seen order); that prompt's ODE prefix is run once to step b, then copied to each member.
     """
-    from common.models.base import PromptEmbeds
     from common.rollout import initial_latents, rollout
 
     b, W = window_start, window_size
@@ -307,7 +306,7 @@ def window_rollout(adapter, embeds, indices, seeds, sigmas, window_start, window
     else:
         unique = list(dict.fromkeys(indices))
         first = [indices.index(j) for j in unique]
-        prefix = rollout(adapter, PromptEmbeds(embeds.hidden[first], embeds.pooled[first]), sigmas,
+        prefix = rollout(adapter, embeds[first], sigmas,
                          initial_latents(adapter.latent_shape(len(unique), resolution), seeds), negative=negative,
                          guidance=guidance, noise_level=0.0, end_step=b, decode=False, keep_means=False)
         x_T = prefix.latents[:, -1][[unique.index(j) for j in indices]]
@@ -502,8 +501,7 @@ def main(args: Args):
             accelerator.gather(torch.tensor([float((advantages == 0).float().mean())], device=accelerator.device)).mean())
 
         # flatten the epoch's batches into per-sample tensors, keep the informative ones
-        flat = {"hidden": torch.cat([s["embeds"].hidden for s in samples]),
-                "pooled": torch.cat([s["embeds"].pooled for s in samples]),
+        flat = {"embeds": PromptEmbeds.cat([s["embeds"] for s in samples]),
                 "latents": torch.cat([s["latents"] for s in samples]),
                 "log_probs": torch.cat([s["log_probs"] for s in samples]),
                 "window_start": torch.cat([s["window_start"] for s in samples]), "advantages": advantages}
@@ -524,7 +522,7 @@ def main(args: Args):
                        disable=not main_process, leave=False)
             for b in range(args.batches_per_epoch):
                 rows = order[b * micro_batch:(b + 1) * micro_batch]
-                embeds = PromptEmbeds(flat["hidden"][rows], flat["pooled"][rows])
+                embeds = flat["embeds"][rows]
                 x_all, old_all, adv = flat["latents"][rows], flat["log_probs"][rows], flat["advantages"][rows]
                 for k in range(W):  # window step k of each sample is grid step window_start + k
                     j = flat["window_start"][rows] + k

@@ -677,8 +677,7 @@ def main(args: Args):
         metrics["dist/num_processes"] = world
         metrics["dist/ranks_agree"] = float(all(view == views[0] for view in views))
 
-        flat = {"hidden": torch.cat([s["embeds"].hidden.cpu() for s in samples]),
-                "pooled": torch.cat([s["embeds"].pooled.cpu() for s in samples]),
+        flat = {"embeds": PromptEmbeds.cat([s["embeds"].to("cpu") for s in samples]),
                 "latents": torch.cat([s["latents"] for s in samples]),
                 "log_probs": torch.cat([s["log_probs"] for s in samples])[:, steps],
                 "teacher_mean": torch.cat([s["teacher_mean"] for s in samples]),
@@ -720,7 +719,7 @@ def main(args: Args):
                        disable=not main_process, leave=False)
             for b in range(args.batches_per_epoch):
                 rows = order[b * micro_batch:(b + 1) * micro_batch]
-                embeds = PromptEmbeds(flat["hidden"][rows], flat["pooled"][rows]).to(accelerator.device)
+                embeds = flat["embeds"][rows].to(accelerator.device)
                 x_all = flat["latents"][rows].to(accelerator.device)
                 for s, j in enumerate(steps):
                     with accelerator.accumulate(wrapped):

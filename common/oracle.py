@@ -69,7 +69,7 @@ class GaussianOracleAdapter(ModelAdapter):
         self.transformer = torch.nn.Identity()
 
     def encode_prompts(self, prompts):
-        return PromptEmbeds(torch.zeros(len(prompts), 1, 1), torch.zeros(len(prompts), 1))
+        return PromptEmbeds(hidden=torch.zeros(len(prompts), 1, 1), pooled=torch.zeros(len(prompts), 1))
 
     def transformer_forward(self, latents, sigma, embeds):
         sigma = sigma.view((-1,) + (1,) * (latents.ndim - 1)).double()

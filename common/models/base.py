@@ -8,37 +8,78 @@ no algorithm file changes.
 """
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-
 import torch
 
 from common.sde import make_sigmas
 
 
-@dataclass
 class PromptEmbeds:
-    """Encoded prompts: per-token states (B, L, D) and a pooled vector (B, P)."""
+    """An adapter's encoded prompts: named batch-first tensors, whatever the model needs (SD3 and
+    the toy: token states `hidden` (B, L, D) and a `pooled` vector (B, P); other models: masks,
+    ids, source-image latents, ...).
 
-    hidden: torch.Tensor
-    pooled: torch.Tensor
+    Algorithm files never name a field: they only index, concatenate, repeat and move the whole
+    structure, so a model with a different conditioning changes its adapter and nothing else.
+    Fields read as attributes (`embeds.hidden`) inside the adapter that built them.
+    """
+
+    def __init__(self, **tensors):
+        if not tensors:
+            raise ValueError("PromptEmbeds needs at least one tensor")
+        sizes = {name: t.shape[0] for name, t in tensors.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"every conditioning tensor must have the same batch size, got {sizes}")
+        self.__dict__["_tensors"] = dict(tensors)
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["_tensors"][name]
+        except KeyError:
+            raise AttributeError(f"this conditioning has no field {name!r} (it has {sorted(self._tensors)})") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("PromptEmbeds is immutable; build a new one")
+
+    def fields(self):
+        return dict(self._tensors)
 
     def __len__(self):
-        return self.hidden.shape[0]
+        return next(iter(self._tensors.values())).shape[0]
+
+    def _map(self, fn):
+        return PromptEmbeds(**{name: fn(t) for name, t in self._tensors.items()})
 
     def __getitem__(self, index):
-        return PromptEmbeds(self.hidden[index], self.pooled[index])
+        """Rows `index` (an int keeps a batch of one; a slice, list or tensor of indices)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        if isinstance(index, (list, tuple)):
+            index = torch.as_tensor(index, dtype=torch.long)
+        return self._map(lambda t: t[index.to(t.device) if torch.is_tensor(index) else index])
 
     def repeat(self, batch):
         """The same (single) embedding repeated `batch` times."""
-        return PromptEmbeds(self.hidden.expand(batch, *self.hidden.shape[1:]),
-                            self.pooled.expand(batch, *self.pooled.shape[1:]))
+        if len(self) != 1:
+            raise ValueError(f"repeat() expands a batch of one, not {len(self)}")
+        return self._map(lambda t: t.expand(batch, *t.shape[1:]))
 
     @staticmethod
     def cat(items):
-        return PromptEmbeds(torch.cat([e.hidden for e in items]), torch.cat([e.pooled for e in items]))
+        items = list(items)
+        names = list(items[0]._tensors)
+        if any(list(e._tensors) != names for e in items):
+            raise ValueError("cannot concatenate conditionings with different fields")
+        return PromptEmbeds(**{name: torch.cat([e._tensors[name].to(items[0]._tensors[name].device) for e in items])
+                               for name in names})
 
     def to(self, *args, **kwargs):
-        return PromptEmbeds(self.hidden.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+        """Move (and/or cast floating tensors): integer ids and bool masks keep their dtype."""
+        def move(t):
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+            return t.to(device) if device is not None else t
+        return self._map(move)
 
 
 class ModelAdapter:
@@ -94,6 +135,15 @@ class ModelAdapter:
     def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
         raise NotImplementedError
 
+    @classmethod
+    def check_prompts(cls, prompts, source):
+        """Raise ValueError (naming the words and `source`) for prompts this model cannot encode;
+        called by `validate` before any model loads. Open-vocabulary models accept everything."""
+
+    @classmethod
+    def check_pretrained(cls, pretrained):
+        """Raise (one line, what to pass) when `pretrained` cannot be loaded; called by `validate`."""
+
     def encode_prompts(self, prompts) -> PromptEmbeds:
         raise NotImplementedError
 
@@ -130,6 +180,24 @@ class ModelAdapter:
 
     def latent_shape(self, batch, resolution=None):
         raise NotImplementedError
+
+    # ---- how a model's samples are pictured, measured and reported (image models: grids)
+
+    def picture(self, path, samples, prompts, scores, max_items=32):
+        """Write a picture of decoded samples: a captioned grid of up to `max_items` images."""
+        from common.outputs import save_grid
+
+        step = max(1, len(samples) // max_items)
+        picked = list(range(0, len(samples), step))[:max_items]
+        save_grid(path, samples[picked], [f"{prompts[i].text} [{scores[i]:.2f}]" for i in picked])
+
+    def diagnostics(self, prompts, samples, *, seed, num_steps, guidance, sde=None):
+        """Extra evaluation metrics a model can compute exactly (the gmm world: KL to the base);
+        `sde` = the run's rollout sampler (sampler, noise_level, num_steps, guidance)."""
+        return {}
+
+    def report(self, output_dir, history, reward_fn, prompts, *, seed, num_steps, guidance):
+        """Extra end-of-run figures from the run's metric history (the gmm world: the frontier)."""
 
     def image_seq_len(self, resolution=None):
         """Image tokens seen by the transformer (for dynamically shifted schedules)."""

@@ -56,7 +56,7 @@ class SD3Adapter(ModelAdapter):
         hidden, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
-        return PromptEmbeds(hidden.to(self.dtype), pooled.to(self.dtype))
+        return PromptEmbeds(hidden=hidden.to(self.dtype), pooled=pooled.to(self.dtype))
 
     def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
         return sd3_transformer_call(self.forward_module, latents, sigma, embeds)

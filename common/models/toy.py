@@ -32,6 +32,16 @@ class ToyAdapter(ModelAdapter):
         self._negative = None
 
     @classmethod
+    def check_prompts(cls, prompts, source):
+        from common.toy.world import VOCAB
+
+        for prompt in prompts:
+            unknown = [w for w in prompt.text.lower().split() if w not in VOCAB]
+            if unknown:
+                raise ValueError(f"--prompts {source}: words {unknown} are not in the toy vocabulary "
+                                 f"(prompt {prompt.text!r})")
+
+    @classmethod
     def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
         directory = Path(pretrained) if pretrained else WEIGHTS_DIR
         if not (directory / "transformer").is_dir():
@@ -44,7 +54,7 @@ class ToyAdapter(ModelAdapter):
     @torch.no_grad()
     def encode_prompts(self, prompts) -> PromptEmbeds:
         hidden, pooled = self.text_encoder(self.tokenizer(list(prompts)).to(self.device))
-        return PromptEmbeds(hidden.to(self.dtype), pooled.to(self.dtype))
+        return PromptEmbeds(hidden=hidden.to(self.dtype), pooled=pooled.to(self.dtype))
 
     def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
         return sd3_transformer_call(self.forward_module, latents, sigma, embeds)
