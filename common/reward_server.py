@@ -414,8 +414,11 @@ class HttpReward:
         if not len(prompts) == len(metadata) == len(arrays):
             raise ValueError(f"{len(arrays)} images, {len(prompts)} prompts and {len(metadata)} metadata entries")
         chunks = []
-        for start in range(0, len(arrays), self.chunk):
-            stop = min(start + self.chunk, len(arrays))
+        # ceil(n / chunk) near-equal chunks, the first ones one larger (70 images: 35 + 35), as the
+        # public clients' np.array_split
+        count = -(-len(arrays) // self.chunk)
+        stops = np.cumsum([len(arrays) // count + (i < len(arrays) % count) for i in range(count)])
+        for start, stop in zip([0, *stops[:-1]], stops):
             try:
                 scores = self._score_chunk(arrays[start:stop], prompts[start:stop], metadata[start:stop])
             except RewardServerError as error:
@@ -525,7 +528,8 @@ class PickleRewardClient(HttpReward):
             if self.name == "geneval":
                 out = {"geneval": data["scores"], "geneval_strict": data["strict_rewards"]}
             else:
-                out = {self.name: np.asarray(data["outputs"], dtype=np.float64) / 5}  # DeQA's 1-5 scale -> (0, 1]
+                # the public DeQA server already divides its 1-5 score by 5 (reward_server/deqa.py)
+                out = {self.name: data["outputs"]}
             out = {k: np.asarray(v, dtype=np.float32).ravel() for k, v in out.items()}
         except Exception as error:  # noqa: BLE001 - whatever unpickling produced, it is not a reply
             raise RewardServerError(f"{self.name} server {self.url}: malformed reply: {type(error).__name__}: {error}") from None
@@ -554,7 +558,8 @@ def geneval_reward(url=None):
 
 
 def deqa_reward(url=None):
-    """`deqa:URL`: DeQA-Score / 5; pickle+http://... the public server (default :18086), http://... ours."""
+    """`deqa:URL`: DeQA-Score / 5 in (0, 1], as the server sends it; pickle+http://... the public
+    server (default :18086), http://... ours."""
     return _public_or_ours("deqa", url or DEQA_URL)
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common import reward_server
 from common.reward_server import (RewardClient, RewardServer, RewardServerError, deqa_reward,
                                   geneval_reward)
 from common.rewards import MultiReward, parse_reward_spec
@@ -271,34 +273,65 @@ def test_reward_errors_are_500_retried_and_reported(serve):
         RewardClient(shapes.url, **FAST)(images, ["a", "b"], [{}, {}])
 
 
-class PublicServer(BaseHTTPRequestHandler):
-    """The public reward-server protocol, as yifan123/reward-server speaks it (test side only)."""
+GENEVAL_TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 
-    requests = None
+
+class PublicServer(BaseHTTPRequestHandler):
+    """The public reward-server (yifan123/reward-server) as it answers, test side only: POST / with
+    a pickled dict of JPEG bytes, 200 with a pickled dict, 500 with the traceback text on error.
+    Its models are replaced by the image's brightness b (from the JPEG it received), but the reply
+    is shaped and scaled exactly as `app_deqa.py` / `app_geneval.py` build theirs."""
+
+    requests = replies = None
 
     def do_POST(self):
-        request = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.requests.append(request)
-        brightness = [float(np.asarray(Image.open(io.BytesIO(jpeg))).mean() / 255) for jpeg in request["images"]]
-        if "meta_datas" in request:  # GenEval
-            reply = {"scores": brightness, "rewards": [0.0] * len(brightness), "group_rewards": {},
-                     "strict_rewards": [float(len(m["include"])) for m in request["meta_datas"]],
-                     "group_strict_rewards": {}}
-        else:  # DeQA: 1-5
-            reply = {"outputs": [1 + 4 * b for b in brightness]}
-        body = pickle.dumps(reply)
-        self.send_response(200)
+        try:
+            request = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.requests.append(request)
+            images = [Image.open(io.BytesIO(jpeg), formats=["jpeg"]) for jpeg in request["images"]]
+            brightness = [float(np.asarray(image).mean() / 255) for image in images]
+            if "meta_datas" in request:
+                reply = self.geneval(brightness, request["meta_datas"], request["only_strict"])
+            else:  # reward_server/deqa.py: score = model.score(images) / 5, a 1-5 score -> (0, 1]
+                reply = {"outputs": [(1 + 4 * b) / 5 for b in brightness]}
+            self.replies.append(reply)
+            body, status = pickle.dumps(reply), 200
+        except Exception:  # noqa: BLE001 - the public server answers any error with 500 and its traceback
+            body, status = traceback.format_exc().encode(), 500
+        self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    @staticmethod
+    def geneval(brightness, metadatas, only_strict):
+        """compute_geneval's return: partial credit `scores`, standard `rewards` (all 0 when
+        only_strict), `strict_rewards`, and per-tag lists with -10.0 for the other tags."""
+        scores, rewards, strict = [], [], []
+        groups, strict_groups = {tag: [] for tag in GENEVAL_TAGS}, {tag: [] for tag in GENEVAL_TAGS}
+        for b, meta in zip(brightness, metadatas):
+            strict_correct = len(meta["include"]) == 1 and b > 0.2
+            correct = False if only_strict else b > 0.25
+            scores.append(b)
+            rewards.append(1.0 if correct else 0.0)
+            strict.append(1.0 if strict_correct else 0.0)
+            for tag in GENEVAL_TAGS:
+                groups[tag].append(rewards[-1] if tag == meta["tag"] else -10.0)
+                strict_groups[tag].append(strict[-1] if tag == meta["tag"] else -10.0)
+        return {"scores": scores, "rewards": rewards, "strict_rewards": strict, "group_rewards": groups,
+                "group_strict_rewards": strict_groups}
 
     def log_message(self, *args):
         pass
 
 
+def public_server(canned):
+    handler = type("Handler", (PublicServer,), {"requests": [], "replies": []})
+    return "pickle+" + canned(handler), handler
+
+
 def test_public_pickle_protocol_only_by_opt_in(canned, monkeypatch, serve):
-    log = []
-    url = "pickle+" + canned(type("Handler", (PublicServer,), {"requests": log}))
+    url, handler = public_server(canned)
     monkeypatch.delenv("CLEANFLOW_TRUST_PICKLE_SERVER", raising=False)
     with pytest.raises(RewardServerError, match="CLEANFLOW_TRUST_PICKLE_SERVER=1"):
         geneval_reward(url)
@@ -306,23 +339,51 @@ def test_public_pickle_protocol_only_by_opt_in(canned, monkeypatch, serve):
         deqa_reward(None)  # the default is the public server, so it needs the opt-in too
     monkeypatch.setenv("CLEANFLOW_TRUST_PICKLE_SERVER", "1")
     with pytest.warns(UserWarning, match="trusting the pickle server"):
-        geneval, deqa = geneval_reward(url), deqa_reward(url)
+        geneval = geneval_reward(url)
     images = torch.zeros(70, 3, 8, 8)
     images[:, 0] = torch.linspace(0, 1, 70)[:, None, None]
-    metas = [{"include": [{"class": "circle", "count": 1}] * (1 + i % 2)} for i in range(70)]
+    metas = [{"tag": GENEVAL_TAGS[i % 6], "include": [{"class": "circle", "count": 1}] * (1 + i % 2)}
+             for i in range(70)]
     out = geneval(images, ["p"] * 70, metas)
-    assert [len(r["images"]) for r in log] == [64, 6] and log[0]["only_strict"] is True
-    assert log[0]["meta_datas"][:2] == metas[:2]
+    # as the public client: np.array_split into ceil(70 / 64) = 2 equal chunks, the training call
+    assert [len(r["images"]) for r in handler.requests] == [35, 35]
+    assert all(r["only_strict"] is True for r in handler.requests)
+    assert handler.requests[0]["meta_datas"][:2] == metas[:2]
+    sent = [v for reply in handler.replies for v in reply["scores"]]
+    np.testing.assert_array_equal(out["geneval"], np.float32(sent))  # partial credit, as the server sent it
     np.testing.assert_allclose(out["geneval"], images.mean(dim=(1, 2, 3)), atol=0.01)  # JPEG, as published
-    np.testing.assert_array_equal(out["geneval_strict"], [1 + i % 2 for i in range(70)])
-    np.testing.assert_allclose(deqa(images, ["p"] * 70, metas)["deqa"], (1 + 4 * images.mean(dim=(1, 2, 3))) / 5,
-                               atol=0.01)
+    strict = [r for reply in handler.replies for r in reply["strict_rewards"]]
+    np.testing.assert_array_equal(out["geneval_strict"], strict)
+    assert 0 < out["geneval_strict"].mean() < 1
     # the same reward hosted by our server (the bridge): the trainer side speaks JSON only
     server = serve(geneval)
-    bridged = geneval_reward(server.url)
-    again = bridged(images, ["p"] * 70, metas)
+    again = geneval_reward(server.url)(images, ["p"] * 70, metas)
     np.testing.assert_array_equal(again["geneval"], out["geneval"])
     np.testing.assert_array_equal(again["geneval_strict"], out["geneval_strict"])
+
+
+def test_deqa_is_the_servers_score_not_divided_again(canned, monkeypatch):
+    """The public DeQA server already sends score / 5 in (0, 1]; the client passes it on as it is."""
+    url, handler = public_server(canned)
+    monkeypatch.setenv("CLEANFLOW_TRUST_PICKLE_SERVER", "1")
+    with pytest.warns(UserWarning, match="trusting the pickle server"):
+        deqa = deqa_reward(url)
+    images = torch.zeros(10, 3, 8, 8)
+    images[:, 1] = torch.linspace(0, 1, 10)[:, None, None]
+    out = deqa(images, ["p"] * 10, [{}] * 10)["deqa"]
+    np.testing.assert_array_equal(out, np.float32(handler.replies[0]["outputs"]))
+    np.testing.assert_allclose(out, (1 + 4 * images.mean(dim=(1, 2, 3))) / 5, atol=0.01)
+    assert 0.2 - 0.01 < out.min() and out.max() < (1 + 4 / 3) / 5 + 0.01  # brightness 0 ... 1/3: DeQA 1 ... 2.33 of 5
+
+
+def test_public_server_errors_are_retried_then_reported(canned, monkeypatch):
+    url, handler = public_server(canned)
+    monkeypatch.setenv("CLEANFLOW_TRUST_PICKLE_SERVER", "1")
+    with pytest.warns(UserWarning, match="trusting the pickle server"):
+        geneval = reward_server.PickleRewardClient(url, "geneval", retries=1, backoff_s=0.01)
+    with pytest.raises(RewardServerError, match=r"2 attempt\(s\).*HTTP 500: Traceback"):
+        geneval(torch.zeros(2, 3, 8, 8), ["p"] * 2, [{"tag": "counting"}] * 2)  # no `include`: the server fails
+    assert len(handler.requests) == 2
 
 
 def launch_server(spec, *extra):
@@ -381,11 +442,12 @@ def test_trainer_stops_with_a_clear_error_when_the_server_dies(tmp_path, monkeyp
 
 
 def test_cli_bridges_the_public_protocol_behind_a_flag(canned):
-    url = "pickle+" + canned(type("Handler", (PublicServer,), {"requests": []}))
+    url, _ = public_server(canned)
     process = launch_server(f"geneval:{url}", "--trust-pickle-server")
     try:
         ours = server_url(process)
-        out = geneval_reward(ours)(torch.rand(3, 3, 8, 8), ["p"] * 3, [{"include": [{"class": "circle", "count": 1}]}] * 3)
+        images = torch.full((3, 3, 8, 8), 0.8)
+        out = geneval_reward(ours)(images, ["p"] * 3, [{"tag": "colors", "include": [{"class": "circle", "count": 1}]}] * 3)
         np.testing.assert_array_equal(out["geneval_strict"], [1, 1, 1])
     finally:
         process.kill()

@@ -39,3 +39,18 @@ def test_ocr_reads_rendered_text_and_a_wrong_text_scores_lower():
     assert 0.5 < scores[1] < 1.0, scores  # one letter off: 1 - 1/9
     assert scores[2] < 0.5, scores
     assert scores.dtype == np.float32
+
+
+def test_detector_runs_with_paddleocrs_settings():
+    """PaddleOCR 2.9's DB post-processing (box_thresh 0.6, unclip_ratio 1.5, no dilation) by default;
+    `ocr:rapidocr` keeps rapidocr's own (0.5, 1.6, dilation on)."""
+    from common.reward_models import ocr_reward
+
+    published = ocr_reward().engine.text_det.postprocess_op  # built by the start-up call
+    assert (published.thresh, published.box_thresh, published.unclip_ratio, published.score_mode) == (0.3, 0.6, 1.5,
+                                                                                                        "fast")
+    assert published.dilation_kernel is None
+    own = ocr_reward("rapidocr").engine.text_det.postprocess_op
+    assert (own.box_thresh, own.unclip_ratio) == (0.5, 1.6) and own.dilation_kernel is not None
+    with pytest.raises(ValueError, match="ocr:rapidocr"):
+        ocr_reward("tesseract")

@@ -99,6 +99,41 @@ def test_jpeg_scale_matches_the_reference():
     assert fn(noise, [""], [{}])["jpeg_compressibility"][0] < -0.3
 
 
+def published_kilobytes(images):
+    """DDPO's / flow_grpo's jpeg_incompressibility: (x·255).round().clamp -> uint8, PIL JPEG at
+    quality 95, bytes / 1000."""
+    import io
+
+    from PIL import Image
+
+    arrays = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    sizes = []
+    for array in arrays:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return np.array(sizes)
+
+
+def test_jpeg_rewards_are_the_published_values():
+    """incompressibility = +kB (DDPO and flow_grpo alike); compressibility = -kB/500 (flow_grpo's)
+    or, named, -kB (DDPO's). The 512 px noise image is ~ 300 kB: 300, not 0.6."""
+    images = torch.rand(3, 3, 512, 512, generator=torch.Generator().manual_seed(1))
+    images[1] = 0.5
+    images[2, :, :, 256:] = 0.2
+    kilobytes = published_kilobytes(images)
+    assert kilobytes[0] > 250 and kilobytes[1] < 10
+    out = MultiReward(parse_reward_spec("jpeg_incompressibility,jpeg_compressibility"))(images, [""] * 3, [{}] * 3)
+    np.testing.assert_allclose(out["jpeg_incompressibility"], kilobytes, rtol=1e-6)
+    np.testing.assert_allclose(out["jpeg_compressibility"], -kilobytes / 500, rtol=1e-6)
+    ddpo = MultiReward(parse_reward_spec("jpeg_compressibility:kB"))(images, [""] * 3, [{}] * 3)
+    np.testing.assert_allclose(ddpo["jpeg_compressibility"], -kilobytes, rtol=1e-6)
+    scaled = rewards.jpeg_incompressibility_reward("kB/500")(images, [""] * 3, [{}] * 3)
+    np.testing.assert_allclose(scaled["jpeg_incompressibility"], kilobytes / 500, rtol=1e-6)
+    with pytest.raises(ValueError, match="`jpeg_incompressibility:kB` or `jpeg_incompressibility:kB/500`"):
+        MultiReward(parse_reward_spec("jpeg_incompressibility:MB"))
+
+
 def test_multi_reward_run_on_the_toy_world_logs_every_component(tmp_path):
     args = flow_grpo.parse_args(["--num-epochs", "1", "--batch-size", "4", "--group-size", "2", "--batches-per-epoch",
                                  "1", "--updates-per-epoch", "1", "--eval-every", "0", "--track", "none",

@@ -1,9 +1,11 @@
 """VLM judges: `unifiedreward` and `qwenvl` against a loopback OpenAI-compatible server (real
-HTTP, http.server in a thread), and `qwenvl` locally on a tiny Qwen2.5-VL built from config."""
+HTTP, http.server in a thread), and `qwenvl` locally on a tiny Qwen2.5-VL built from config: the
+published rubric character for character, its 2048-token limit, and its preprocessing (golden)."""
 
 import base64
 import io
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,7 +15,7 @@ import torch
 from PIL import Image
 
 from common import reward_models
-from common.reward_models import qwenvl_score, unifiedreward_score
+from common.reward_models import QWENVL_TASK, qwenvl_score, unifiedreward_score
 from common.rewards import MultiReward, parse_reward_spec
 
 
@@ -98,13 +100,50 @@ def test_unifiedreward_over_http(server, monkeypatch):
     header, data = image_part["image_url"]["url"].split(",", 1)
     assert header == "data:image/png;base64"
     assert Image.open(io.BytesIO(base64.b64decode(data))).size == (512, 512)  # published: resized to 512x512
+    assert "max_tokens" not in body  # published: the server's default
 
 
-def test_qwenvl_over_http_uses_the_rubric(server):
+# flow_grpo/qwenvl.py's `self.task`, line by line: the lines wrap where the published file wraps them,
+# and the text opens and closes with a newline
+PUBLISHED_RUBRIC = "\n".join([
+    "",
+    "Your role is to evaluate the aesthetic quality score of given images.",
+    "1. Bad: Extremely blurry, underexposed with significant noise, indiscernible",
+    "subjects, and chaotic composition.",
+    "2. Poor: Noticeable blur, poor lighting, washed-out colors, and awkward",
+    "composition with cut-off subjects.",
+    "3. Fair: In focus with adequate lighting, dull colors, decent composition but",
+    "lacks creativity.",
+    "4. Good: Sharp, good exposure, vibrant colors, thoughtful composition with",
+    "a clear focal point.",
+    "5. Excellent: Exceptional clarity, perfect exposure, rich colors, masterful",
+    "composition with emotional impact.",
+    "",
+    "Please first provide a detailed analysis of the evaluation process, including the criteria for judging "
+    "aesthetic quality, within the <Thought> tag. Then, give a final score from 1 to 5 within the <Score> tag.",
+    "<Thought>",
+    "[Analyze the evaluation process in detail here]",
+    "</Thought>",
+    "<Score>X</Score>",
+    "",
+])
+
+
+def test_qwenvl_rubric_is_the_published_text():
+    assert QWENVL_TASK == PUBLISHED_RUBRIC
+
+
+def test_qwenvl_over_http_sends_the_published_request(server):
     out = MultiReward(parse_reward_spec(f"qwenvl:{server}"))(images(2), ["x", "y"], [{}] * 2)
     np.testing.assert_allclose(out["qwenvl"], [0.6, 0.6])
-    text = FakeVLM.requests[0]["body"]["messages"][0]["content"][1]["text"]
-    assert "aesthetic quality" in text and "<Score>" in text
+    body = FakeVLM.requests[0]["body"]
+    image_part, text_part = body["messages"][0]["content"]
+    assert text_part["text"] == PUBLISHED_RUBRIC
+    assert body["max_tokens"] == 2048 and body["temperature"] == 0  # published generation limit
+    # qwen_vl_utils' resize, done before sending: 40x48 -> 56x84 (sides to multiples of 28, at
+    # least 4·28² pixels), so the server's own resize to Qwen's grid keeps the size
+    data = image_part["image_url"]["url"].split(",", 1)[1]
+    assert Image.open(io.BytesIO(base64.b64decode(data))).size == (84, 56)
 
 
 def test_server_errors_are_errors_not_zero_rewards(server, monkeypatch):
@@ -128,9 +167,12 @@ def test_a_server_that_is_down_fails_at_start_up(monkeypatch):
         MultiReward(parse_reward_spec("unifiedreward:http://127.0.0.1:9/v1"))  # port 9 (discard): nothing listens
 
 
-def tiny_qwen_vl(directory, reply):
+def tiny_qwen_vl(directory, reply, filler=None, min_pixels=28 * 28, max_pixels=56 * 56):
     """A tiny Qwen2.5-VL whose generation config suppresses every token but one added token,
-    `reply`, so greedy decoding writes it whatever the image: the real generate/decode path."""
+    `reply`, also its end-of-sequence token, so greedy decoding writes it whatever the image and
+    stops: the real generate/decode path. With `filler`, a long analysis first: `filler` 600 times,
+    then `reply`, held back until then by min_new_tokens; the final norm is zeroed so every logit
+    is 0 and the tie goes to the lower id, `reply`'s, once it is allowed."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -140,8 +182,9 @@ def tiny_qwen_vl(directory, reply):
                "<|video_pad|>"]
     tokenizer = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(_bytes_to_unicode())}, merges=[])
     tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
-    tokenizer.add_tokens([reply])
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special + [reply]}
+    written = [reply] + ([filler] if filler else [])
+    tokenizer.add_tokens(written)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special + written}
     torch.manual_seed(0)
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -153,20 +196,79 @@ def tiny_qwen_vl(directory, reply):
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i != ids[reply]]
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i not in {ids[t] for t in written}]
+    model.generation_config.eos_token_id = ids[reply]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    if filler:
+        model.generation_config.min_new_tokens = 601
+        with torch.no_grad():
+            model.model.language_model.norm.weight.zero_()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(directory)
+    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(directory)
     return directory
 
 
-def test_qwenvl_local_on_a_tiny_qwen25_vl(tmp_path, monkeypatch):
-    monkeypatch.setattr(reward_models, "QWENVL_MAX_NEW_TOKENS", 3)
+def test_qwenvl_local_on_a_tiny_qwen25_vl(tmp_path):
     scored = tiny_qwen_vl(tmp_path / "scored", "<Score>4</Score>")
     out = MultiReward(parse_reward_spec(f"qwenvl:{scored}"))(images(), ["a", "b", "c"], [{}] * 3)
     np.testing.assert_allclose(out["qwenvl"], [0.8] * 3)
     unscored = tiny_qwen_vl(tmp_path / "unscored", "nice picture")
     out = MultiReward(parse_reward_spec(f"qwenvl:{unscored}"))(images(2), ["a", "b"], [{}] * 2)
     np.testing.assert_array_equal(out["qwenvl"], [0.0, 0.0])  # no <Score> tag -> 0, as published
+
+
+def test_qwenvl_reads_a_score_after_a_long_analysis(tmp_path):
+    """600 tokens of analysis before the tag: within the published 2048-token limit (the old 512
+    cut it off and scored 0)."""
+    long = tiny_qwen_vl(tmp_path / "long", "<Score>4</Score>", filler=" analysis")
+    out = MultiReward(parse_reward_spec(f"qwenvl:{long}"))(images(2), ["a", "b"], [{}] * 2)
+    np.testing.assert_allclose(out["qwenvl"], [0.8, 0.8])
+
+
+def published_qwen_pixels(image_batch, patch=14, merge=2, temporal=2):
+    """flow_grpo's QwenVLScorer: qwen_vl_utils resizes each PIL image (smart_resize with its
+    defaults, PIL's default bicubic), then the Qwen2-VL processor (min/max pixels of the checkpoint,
+    here qwen_vl_utils' own, so the size stays), rescales and normalises ((x - 255·mean) /
+    (255·std) as its fast path fuses them) and cuts the frame, repeated `temporal` times, into
+    merge-ordered patches."""
+    from tests.test_rewards_clip import OPENAI_MEAN, OPENAI_STD, normalise, uint8_pil
+
+    def smart_resize(height, width, factor=28, min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28):
+        h_bar, w_bar = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+        if h_bar * w_bar > max_pixels:
+            beta = math.sqrt(height * width / max_pixels)
+            h_bar, w_bar = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+        elif h_bar * w_bar < min_pixels:
+            beta = math.sqrt(min_pixels / (height * width))
+            h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+        return h_bar, w_bar
+
+    rows, grids = [], []
+    for image in uint8_pil(image_batch):
+        height, width = smart_resize(image.height, image.width)
+        image = image.resize((width, height))
+        assert smart_resize(height, width) == (height, width)  # the processor's resize keeps the size
+        array = np.asarray(image, dtype=np.float64).transpose(2, 0, 1)
+        array = normalise(array, [255 * m for m in OPENAI_MEAN], [255 * s for s in OPENAI_STD])
+        frames = np.tile(array[None], (temporal, 1, 1, 1))
+        grid_h, grid_w = height // patch, width // patch
+        patches = frames.reshape(1, temporal, 3, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        rows.append(patches.reshape(grid_h * grid_w, 3 * temporal * patch * patch))
+        grids.append([1, grid_h, grid_w])
+    return np.concatenate(rows), np.array(grids)
+
+
+def test_qwenvl_pixels_are_the_published_ones(tmp_path):
+    from tests.test_rewards_clip import image_set
+
+    directory = tiny_qwen_vl(tmp_path / "judge", "<Score>3</Score>", min_pixels=4 * 28 * 28,
+                             max_pixels=16384 * 28 * 28)  # Qwen2.5-VL-7B-Instruct's preprocessor_config.json
+    fn = reward_models.qwenvl_reward(directory)
+    for batch in image_set():
+        pixel_values, grids = fn.pixels(batch)
+        expected, expected_grids = published_qwen_pixels(batch)
+        np.testing.assert_array_equal(grids.numpy(), expected_grids)
+        np.testing.assert_allclose(pixel_values.numpy(), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fn(batch, ["a", "b"], [{}] * 2)["qwenvl"], [0.6, 0.6])
