@@ -23,11 +23,12 @@ Launch:
     python flow_dpo.py                                        # toy world on the CPU: OnlineDPO
     python flow_dpo.py --preset online_sft                    # toy OnlineSFT (also: dpo, sft)
     OMP_NUM_THREADS=1 python bench/flow_dpo_learning.py       # the four toy variants + plot
-    # one GPU, the published recipes (sd3_dpo, sd3_online_dpo, sd3_sft, sd3_online_sft)
-    accelerate launch flow_dpo.py --preset sd3_online_dpo --pretrained stabilityai/stable-diffusion-3.5-medium
+    # one GPU, the published recipes: --model sd3 = sd3_online_dpo on stabilityai/stable-diffusion-3.5-medium
+    # (--preset sd3_dpo, sd3_sft, sd3_online_sft for the others)
+    accelerate launch flow_dpo.py --model sd3
         --prompts path/to/geneval --reward geneval:http://127.0.0.1:18090   # GenEval server: see README
     # 8 GPUs on one node / the published multi-node set-up: as flow_grpo.py
-    accelerate launch --multi_gpu --num_processes 8 flow_dpo.py --preset sd3_online_dpo --pretrained ...
+    accelerate launch --multi_gpu --num_processes 8 flow_dpo.py --model sd3 ...
     # 2 CPU processes (gloo); note `--cpu --num_processes 2` silently starts only one
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
         --dynamo_backend no --main_process_port 0 flow_dpo.py
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 
 from common.cli import parse_with_presets
 from common.data import GroupSampler, category_weights, load_prompts
-from common.models import check_model_name
+from common.models import check_model_inputs
 from common.rewards import parse_reward_spec
 
 
@@ -58,6 +59,8 @@ class Args:
     # ---- experiment
     exp_name: str = "flow_dpo"
     """name of the run (tracker run name)"""
+    preset: Optional[str] = None
+    """the preset these defaults came from: `--preset NAME`, else the --model's (listed above the options)"""
     seed: int = 42
     """seeds prompts, initial noise, training noise/timesteps and padding (derived from it and the epoch)"""
     output_dir: str = "runs/flow_dpo"
@@ -85,9 +88,9 @@ class Args:
 
     # ---- model
     model: str = "toy"
-    """model adapter: toy (embedded, offline) or sd3"""
+    """model adapter: toy, gmm (both offline) or sd3; without --preset, also its preset (sd3: sd3_online_dpo)"""
     pretrained: Optional[str] = None
-    """hub id or local directory (toy: the committed weights when unset)"""
+    """hub id or local directory (default: the model's checkpoint, listed above the options)"""
     resolution: Optional[int] = None
     """image size in pixels (default: the model's)"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -183,8 +186,19 @@ _SD3 = dict(model="sd3", resolution=512, mixed_precision="fp16", num_steps=40, g
             eval_num_steps=40, eval_guidance=4.5, learning_rate=3e-4, beta=100.0, ema=True,
             balance_categories=False, skip_ties=False, eval_every=60, save_every=60, grid_every=60, num_epochs=100000,
             max_minutes=None)
+# `--preset gmm`: the gmm world (common/gmm), learning in about a minute on 2 CPU cores: 256 points
+# per epoch, no CFG, 512 ODE points per category per evaluation (SE ~0.01). The algorithm fields are
+# this file's published ones (scaled to one process); chosen before any run of it was seen.
+_GMM = dict(model="gmm", prompts="gmm", reward="gmm_target", num_steps=10, guidance=1.0, eval_num_steps=20,
+            eval_guidance=1.0, eval_images_per_category=512, num_epochs=150, max_minutes=2.0, eval_every=25,
+            save_every=50, grid_every=50)
 # The toy benchmark (bench/flow_dpo_learning.py): Args() is OnlineDPO.
 PRESETS = {
+    "gmm": Args(**_GMM, exp_name="online_dpo_gmm", output_dir="runs/online_dpo_gmm", batch_size=256, group_size=16,
+                batches_per_epoch=1, updates_per_epoch=1, learning_rate=1e-3),
+    "gmm_online_sft": Args(**_GMM, exp_name="online_sft_gmm", output_dir="runs/online_sft_gmm", algorithm="sft",
+                           beta=0.0, batch_size=256, group_size=16, batches_per_epoch=1, updates_per_epoch=1,
+                           learning_rate=1e-3),
     "toy": Args(),
     "online_dpo": Args(exp_name="online_dpo", output_dir="runs/online_dpo"),
     "dpo": Args(exp_name="dpo", output_dir="runs/dpo", ref_update_every=None),
@@ -197,14 +211,20 @@ PRESETS = {
 }
 
 
+# `--model NAME` without `--preset`: that model's OnlineDPO preset here, as the toy default is
+# (sd3: the published online `dpo` recipe; --preset sd3_dpo / sd3_sft / sd3_online_sft for the others)
+MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3_online_dpo"}
+
+
 def parse_args(argv=None):
-    """`--preset NAME` picks the defaults, then tyro parses the rest on top of them."""
-    return parse_with_presets(Args, PRESETS, argv, description=__doc__)
+    """`--preset NAME` (or the --model's preset) picks the defaults, then tyro parses the rest on top of them."""
+    return parse_with_presets(Args, PRESETS, argv, description=__doc__, model_presets=MODEL_PRESETS)
 
 
 def validate(args: Args, num_processes: int = 1):
     """Check everything that can be checked before a model loads; errors say what to change."""
-    check_model_name(args.model)
+    # the model name, its checkpoint and every prompt against its vocabulary (closed-vocabulary worlds)
+    check_model_inputs(args.model, args.pretrained, args.prompts)
     parse_reward_spec(args.reward)
     if args.batch_size < 1 or args.group_size < 2:
         raise ValueError("--batch-size must be positive and --group-size at least 2 (a pair needs two images)")
@@ -402,13 +422,16 @@ def main(args: Args):
     from common.ema import EMA
     from common.evaluate import evaluate
     from common.models import load_adapter
-    from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
+    from common.outputs import MetricsLog, plot_curves, read_metrics, write_recipe
     from common.rewards import MultiReward, collect_rewards, gather_reward_metrics
     from common.rollout import derive_seed, initial_latents, rollout
 
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    # the recipe, printed and in config.json, before any weights load
+    write_recipe(args, accelerator, algorithm=args.algorithm, timestep_samples=args.timestep_samples,
+                 ref_update_every=args.ref_update_every)
     sde.use_compile(args.compile)
     torch.manual_seed(args.seed + rank)
 
@@ -465,22 +488,21 @@ def main(args: Args):
     if args.track != "none":
         accelerator.init_trackers(args.exp_name, config={k: str(v) for k, v in vars(args).items()})
 
+    # the rollout policy's SDE, for evaluation diagnostics that need it (the gmm world's path KL)
+    rollout_sde = dict(sampler=args.sampler, noise_level=args.noise_level, num_steps=args.num_steps,
+                       guidance=args.guidance)
+
     def run_eval(epoch):
         context = ema.swapped() if ema is not None else nullcontext()
         with context:
             bar = tqdm(desc=f"eval {epoch}", unit="img", disable=not main_process, leave=False)
-            metrics, images, eval_prompts = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
-                                                     guidance=args.eval_guidance, seed=args.seed,
-                                                     images_per_category=args.eval_images_per_category,
-                                                     resolution=args.resolution, progress=bar)
+            picture = (output_dir / "grids" / f"eval_epoch{epoch:04d}.png"
+                       if main_process and args.grid_every and epoch % args.grid_every == 0 else None)
+            metrics, _, _ = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
+                                     guidance=args.eval_guidance, seed=args.seed,
+                                     images_per_category=args.eval_images_per_category, resolution=args.resolution,
+                                     progress=bar, picture=picture, sde=rollout_sde)
             bar.close()
-        if main_process and args.grid_every and epoch % args.grid_every == 0:
-            step = max(1, len(images) // 32)
-            picked = list(range(0, len(images), step))[:32]
-            rewards = reward_fn(images[picked], [eval_prompts[i].text for i in picked],
-                                [eval_prompts[i].metadata for i in picked])["avg"]
-            save_grid(output_dir / "grids" / f"eval_epoch{epoch:04d}.png", images[picked],
-                      [f"{eval_prompts[i].text} [{r:.2f}]" for i, r in zip(picked, rewards)])
         return metrics
 
     def draw_noise(count, generator):
@@ -694,6 +716,9 @@ def main(args: Args):
         if evals and "eval/accuracy" in evals[0]:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
+        if args.eval_every > 0:  # the model's own end-of-run figures (the gmm world: the optimal frontier)
+            adapter.report(output_dir, history, reward_fn, test_prompts, seed=args.seed, num_steps=args.eval_num_steps,
+                           guidance=args.eval_guidance, images_per_category=args.eval_images_per_category)
         context = ema.swapped() if ema is not None else nullcontext()
         with context:
             if args.use_lora:

@@ -12,14 +12,15 @@ algorithm: sampling epoch, advantages, loss, update.
 
 Launch:
     python flow_grpo.py                    # toy world on the CPU: the learning benchmark
-    # one GPU (lower --batch-size to fit; keep group_size dividing batch_size x processes)
-    accelerate launch flow_grpo.py --preset sd3 --pretrained stabilityai/stable-diffusion-3.5-medium
+    # one GPU: --model sd3 = the sd3 preset on stabilityai/stable-diffusion-3.5-medium (lower --batch-size
+    # to fit; keep group_size dividing batch_size x processes)
+    accelerate launch flow_grpo.py --model sd3
         --prompts path/to/geneval --reward geneval:http://127.0.0.1:18090   # GenEval server: see README
     # 8 GPUs on one node
-    accelerate launch --multi_gpu --num_processes 8 flow_grpo.py --preset sd3 --pretrained ...
+    accelerate launch --multi_gpu --num_processes 8 flow_grpo.py --model sd3 ...
     # the published 32-GPU recipe: 4 nodes, run on each with its --machine_rank
     accelerate launch --multi_gpu --num_machines 4 --num_processes 32 --machine_rank R
-        --main_process_ip HOST flow_grpo.py --preset sd3 --pretrained ...
+        --main_process_ip HOST flow_grpo.py --model sd3 ...
     # 2 CPU processes (gloo); note `--cpu --num_processes 2` silently starts only one
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
         --dynamo_backend no --main_process_port 0 flow_grpo.py
@@ -39,7 +40,7 @@ import torch
 
 from common.cli import parse_with_presets
 from common.data import GroupSampler, category_weights, load_prompts
-from common.models import check_model_name
+from common.models import check_model_inputs
 from common.rewards import parse_reward_spec
 
 
@@ -48,6 +49,8 @@ class Args:
     # ---- experiment
     exp_name: str = "flow_grpo"
     """name of the run (tracker run name)"""
+    preset: Optional[str] = None
+    """the preset these defaults came from: `--preset NAME`, else the --model's (listed above the options)"""
     seed: int = 42
     """seeds prompts, initial noise, SDE noise and shuffles (everything is derived from it and the epoch)"""
     output_dir: str = "runs/flow_grpo"
@@ -75,9 +78,9 @@ class Args:
 
     # ---- model
     model: str = "toy"
-    """model adapter: toy (embedded, offline) or sd3"""
+    """model adapter: toy, gmm (both offline) or sd3; without --preset, also its preset (sd3: sd3)"""
     pretrained: Optional[str] = None
-    """hub id or local directory (toy: the committed weights when unset)"""
+    """hub id or local directory (default: the model's checkpoint, listed above the options)"""
     resolution: Optional[int] = None
     """image size in pixels (default: the model's)"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -147,6 +150,8 @@ class Args:
     step's (bench/step_gradients.py); 0.8 leaves it out"""
     train_cfg: bool = True
     """recompute CFG in training (must match rollouts for an on-policy ratio of 1)"""
+    train_cfg_detach_uncond: bool = True
+    """with CFG in training, no gradient through v_u: w·∇v_c, as published since 2025-07-15 (off: (1 - w)·∇v_u + w·∇v_c)"""
     updates_per_epoch: int = 2
     """optimizer steps per epoch; batches_per_epoch / updates_per_epoch micro-batches each"""
     num_inner_epochs: int = 1
@@ -177,8 +182,17 @@ class Args:
 # --prompts and --reward (GenEval: the public server behind our bridge, see README). On fewer GPUs
 # keep group_size dividing batch_size x processes (e.g. the 1-GPU OCR recipe: --batch-size 8
 # --group-size 8 --batches-per-epoch 8 --updates-per-epoch 2).
+# `--preset gmm`: the gmm world (common/gmm), learning visibly in about a minute on 2 CPU cores. The
+# published sampler (Flow-SDE, a = 0.7) and advantages; one on-policy update of 256 points per epoch
+# (16 prompts x 16), so PPO's clip never binds; no CFG; 512 ODE points per category in each evaluation
+# (SE ~0.01). Chosen before any run of it was seen.
 PRESETS = {
     "toy": Args(),
+    "gmm": Args(exp_name="flow_grpo_gmm", output_dir="runs/flow_grpo_gmm", model="gmm", prompts="gmm",
+                reward="gmm_target", num_steps=10, guidance=1.0, sampler="flow", noise_level=0.7, batch_size=256,
+                group_size=16, batches_per_epoch=1, updates_per_epoch=1, eval_num_steps=20, eval_guidance=1.0,
+                eval_images_per_category=512, learning_rate=1e-3, num_epochs=150, max_minutes=2.0, eval_every=25,
+                save_every=50, grid_every=50),
     "sd3": Args(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, guidance=4.5, sampler="flow",
                 noise_level=0.7, final_step_ode=False, batch_size=9, group_size=24, batches_per_epoch=4,
                 updates_per_epoch=2, eval_num_steps=40, eval_guidance=4.5, learning_rate=3e-4, clip_range=1e-4,
@@ -188,14 +202,19 @@ PRESETS = {
 }
 
 
+# `--model NAME` without `--preset`: that model's preset here (sd3: the published geneval_sd3 recipe)
+MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3"}
+
+
 def parse_args(argv=None):
-    """`--preset NAME` picks the defaults, then tyro parses the rest on top of them."""
-    return parse_with_presets(Args, PRESETS, argv, description=__doc__)
+    """`--preset NAME` (or the --model's preset) picks the defaults, then tyro parses the rest on top of them."""
+    return parse_with_presets(Args, PRESETS, argv, description=__doc__, model_presets=MODEL_PRESETS)
 
 
 def validate(args: Args, num_processes: int = 1):
     """Check everything that can be checked before a model loads; errors say what to change."""
-    check_model_name(args.model)
+    # the model name, its checkpoint and every prompt against its vocabulary (closed-vocabulary worlds)
+    check_model_inputs(args.model, args.pretrained, args.prompts)
     parse_reward_spec(args.reward)
     if args.batch_size < 1 or args.group_size < 1:
         raise ValueError("--batch-size and --group-size must be positive")
@@ -302,13 +321,14 @@ def main(args: Args):
     from common.evaluate import evaluate
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
-    from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
+    from common.outputs import MetricsLog, plot_curves, read_metrics, write_recipe
     from common.rewards import MultiReward, collect_rewards, gather_reward_metrics
     from common.rollout import derive_seed, initial_latents, noise_schedule, rollout
 
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    write_recipe(args, accelerator)  # printed and in config.json, before any weights load
     sde.use_compile(args.compile)
     torch.manual_seed(args.seed + rank)
 
@@ -365,22 +385,21 @@ def main(args: Args):
     if args.track != "none":
         accelerator.init_trackers(args.exp_name, config={k: str(v) for k, v in vars(args).items()})
 
+    # the rollout policy's SDE, for evaluation diagnostics that need it (the gmm world's path KL)
+    rollout_sde = dict(sampler=args.sampler, noise_level=args.noise_level, num_steps=args.num_steps,
+                       guidance=args.guidance)
+
     def run_eval(epoch):
         context = ema.swapped() if ema is not None else nullcontext()
         with context:
             bar = tqdm(desc=f"eval {epoch}", unit="img", disable=not main_process, leave=False)
-            metrics, images, eval_prompts = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
-                                                     guidance=args.eval_guidance, seed=args.seed,
-                                                     images_per_category=args.eval_images_per_category,
-                                                     resolution=args.resolution, progress=bar)
+            picture = (output_dir / "grids" / f"eval_epoch{epoch:04d}.png"
+                       if main_process and args.grid_every and epoch % args.grid_every == 0 else None)
+            metrics, _, _ = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
+                                     guidance=args.eval_guidance, seed=args.seed,
+                                     images_per_category=args.eval_images_per_category, resolution=args.resolution,
+                                     progress=bar, picture=picture, sde=rollout_sde)
             bar.close()
-        if main_process and args.grid_every and epoch % args.grid_every == 0:
-            step = max(1, len(images) // 32)
-            picked = list(range(0, len(images), step))[:32]
-            rewards = reward_fn(images[picked], [eval_prompts[i].text for i in picked],
-                                [eval_prompts[i].metadata for i in picked])["avg"]
-            save_grid(output_dir / "grids" / f"eval_epoch{epoch:04d}.png", images[picked],
-                      [f"{eval_prompts[i].text} [{r:.2f}]" for i, r in zip(picked, rewards)])
         return metrics
 
     executor = ThreadPoolExecutor(max_workers=1)
@@ -472,7 +491,8 @@ def main(args: Args):
                     with accelerator.accumulate(wrapped):
                         with accelerator.autocast():
                             velocity = adapter.predict_velocity(x_all[:, j], sigmas[j].expand(len(rows)), embeds,
-                                                                train_negative, train_guidance)
+                                                                train_negative, train_guidance,
+                                                                detach_uncond=args.train_cfg_detach_uncond)
                         out = sde.sde_step(velocity, x_all[:, j], j, sigmas, float(levels[j]), args.sampler,
                                            prev_sample=x_all[:, j + 1], logprob=args.logprob)
                         policy_loss, step_stats = ppo_clip_loss(out.log_prob, old_all[:, j], adv.to(out.log_prob.device),
@@ -564,6 +584,9 @@ def main(args: Args):
         if evals and "eval/accuracy" in evals[0]:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
+        if args.eval_every > 0:  # the model's own end-of-run figures (the gmm world: the optimal frontier)
+            adapter.report(output_dir, history, reward_fn, test_prompts, seed=args.seed, num_steps=args.eval_num_steps,
+                           guidance=args.eval_guidance, images_per_category=args.eval_images_per_category)
         context = ema.swapped() if ema is not None else nullcontext()
         with context:
             if args.use_lora:

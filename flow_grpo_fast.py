@@ -26,14 +26,15 @@ algorithm: sampling epoch, advantages, loss, update.
 
 Launch:
     python flow_grpo_fast.py               # toy world on the CPU
-    # one GPU (lower --batch-size to fit; keep group_size dividing batch_size x processes)
-    accelerate launch flow_grpo_fast.py --preset sd3 --pretrained stabilityai/stable-diffusion-3.5-medium
+    # one GPU: --model sd3 = the sd3 preset on stabilityai/stable-diffusion-3.5-medium (lower --batch-size
+    # to fit; keep group_size dividing batch_size x processes)
+    accelerate launch flow_grpo_fast.py --model sd3
         --prompts path/to/geneval --reward geneval:http://127.0.0.1:18090   # GenEval server: see README
     # 8 GPUs on one node
-    accelerate launch --multi_gpu --num_processes 8 flow_grpo_fast.py --preset sd3 --pretrained ...
+    accelerate launch --multi_gpu --num_processes 8 flow_grpo_fast.py --model sd3 ...
     # the published 32-GPU recipe: 4 nodes, run on each with its --machine_rank
     accelerate launch --multi_gpu --num_machines 4 --num_processes 32 --machine_rank R
-        --main_process_ip HOST flow_grpo_fast.py --preset sd3 --pretrained ...
+        --main_process_ip HOST flow_grpo_fast.py --model sd3 ...
     # 2 CPU processes (gloo); note `--cpu --num_processes 2` silently starts only one
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
         --dynamo_backend no --main_process_port 0 flow_grpo_fast.py
@@ -53,7 +54,7 @@ import torch
 
 from common.cli import parse_with_presets
 from common.data import GroupSampler, category_weights, load_prompts
-from common.models import check_model_name
+from common.models import check_model_inputs
 from common.rewards import parse_reward_spec
 
 
@@ -62,6 +63,8 @@ class Args:
     # ---- experiment
     exp_name: str = "flow_grpo_fast"
     """name of the run (tracker run name)"""
+    preset: Optional[str] = None
+    """the preset these defaults came from: `--preset NAME`, else the --model's (listed above the options)"""
     seed: int = 42
     """seeds prompts, initial noise, SDE noise and shuffles (everything is derived from it and the epoch)"""
     output_dir: str = "runs/flow_grpo_fast"
@@ -89,9 +92,9 @@ class Args:
 
     # ---- model
     model: str = "toy"
-    """model adapter: toy (embedded, offline) or sd3"""
+    """model adapter: toy, gmm (both offline) or sd3; without --preset, also its preset (sd3: sd3)"""
     pretrained: Optional[str] = None
-    """hub id or local directory (toy: the committed weights when unset)"""
+    """hub id or local directory (default: the model's checkpoint, listed above the options)"""
     resolution: Optional[int] = None
     """image size in pixels (default: the model's)"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -161,6 +164,8 @@ class Args:
     """drop samples whose advantage is exactly 0 (groups with equal rewards)"""
     train_cfg: bool = True
     """recompute CFG in training (must match rollouts for an on-policy ratio of 1)"""
+    train_cfg_detach_uncond: bool = True
+    """with CFG in training, no gradient through v_u: w·∇v_c, as published since 2025-07-15 (off: (1 - w)·∇v_u + w·∇v_c)"""
     updates_per_epoch: int = 2
     """optimizer steps per epoch; batches_per_epoch / updates_per_epoch micro-batches each"""
     num_inner_epochs: int = 1
@@ -193,7 +198,16 @@ class Args:
 # the toy test split (64 images per category, base 0.198): branch lr 3e-4 0.232 / 0.224 at epochs
 # 20 / 40; window lr 1e-3 collapsed to 0.078 by epoch 20 (large blobs, broken shapes). Branch
 # groups share x_T, so a group's reward spread comes only from the window noise it trains on.
+# `--preset gmm`: the gmm world (common/gmm), learning in about a minute on 2 CPU cores: 256 points
+# per epoch, no CFG, 512 ODE points per category per evaluation (SE ~0.01). The algorithm fields are
+# this file's published ones (scaled to one process); chosen before any run of it was seen.
+_GMM = dict(model="gmm", prompts="gmm", reward="gmm_target", num_steps=10, guidance=1.0, eval_num_steps=20,
+            eval_guidance=1.0, eval_images_per_category=512, num_epochs=150, max_minutes=2.0, eval_every=25,
+            save_every=50, grid_every=50)
 PRESETS = {
+    "gmm": Args(**_GMM, exp_name="flow_grpo_fast_gmm", output_dir="runs/flow_grpo_fast_gmm", sampler="cps",
+                noise_level=0.8, sde_window_size=3, sde_window_range=(0, 5), batch_size=256, group_size=16,
+                batches_per_epoch=1, updates_per_epoch=1, learning_rate=1e-3),
     "toy": Args(branch_mode="branch", learning_rate=3e-4),
     "sd3": Args(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, guidance=1.0, sampler="cps",
                 noise_level=0.8, sde_window_size=3, sde_window_range=(0, 5), batch_size=9, group_size=24,
@@ -203,14 +217,19 @@ PRESETS = {
 }
 
 
+# `--model NAME` without `--preset`: that model's preset here (sd3: the published *_fast_nocfg recipe)
+MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3"}
+
+
 def parse_args(argv=None):
-    """`--preset NAME` picks the defaults, then tyro parses the rest on top of them."""
-    return parse_with_presets(Args, PRESETS, argv, description=__doc__)
+    """`--preset NAME` (or the --model's preset) picks the defaults, then tyro parses the rest on top of them."""
+    return parse_with_presets(Args, PRESETS, argv, description=__doc__, model_presets=MODEL_PRESETS)
 
 
 def validate(args: Args, num_processes: int = 1):
     """Check everything that can be checked before a model loads; errors say what to change."""
-    check_model_name(args.model)
+    # the model name, its checkpoint and every prompt against its vocabulary (closed-vocabulary worlds)
+    check_model_inputs(args.model, args.pretrained, args.prompts)
     parse_reward_spec(args.reward)
     if args.batch_size < 1 or args.group_size < 1:
         raise ValueError("--batch-size and --group-size must be positive")
@@ -353,13 +372,16 @@ def main(args: Args):
     from common.evaluate import evaluate
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
-    from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
+    from common.outputs import MetricsLog, plot_curves, read_metrics, write_recipe
     from common.rewards import MultiReward, collect_rewards, gather_reward_metrics
     from common.rollout import derive_seed
 
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    # the recipe, printed and in config.json, before any weights load
+    write_recipe(args, accelerator, branch_mode=args.branch_mode,
+                 sde_window=f"{args.sde_window_size} steps in [{args.sde_window_range[0]}, {args.sde_window_range[1]})")
     sde.use_compile(args.compile)
     torch.manual_seed(args.seed + rank)
 
@@ -414,22 +436,21 @@ def main(args: Args):
     if args.track != "none":
         accelerator.init_trackers(args.exp_name, config={k: str(v) for k, v in vars(args).items()})
 
+    # the rollout policy's SDE, for evaluation diagnostics that need it (the gmm world's path KL)
+    rollout_sde = dict(sampler=args.sampler, noise_level=args.noise_level, num_steps=args.num_steps,
+                       guidance=args.guidance)
+
     def run_eval(epoch):
         context = ema.swapped() if ema is not None else nullcontext()
         with context:
             bar = tqdm(desc=f"eval {epoch}", unit="img", disable=not main_process, leave=False)
-            metrics, images, eval_prompts = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
-                                                     guidance=args.eval_guidance, seed=args.seed,
-                                                     images_per_category=args.eval_images_per_category,
-                                                     resolution=args.resolution, progress=bar)
+            picture = (output_dir / "grids" / f"eval_epoch{epoch:04d}.png"
+                       if main_process and args.grid_every and epoch % args.grid_every == 0 else None)
+            metrics, _, _ = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
+                                     guidance=args.eval_guidance, seed=args.seed,
+                                     images_per_category=args.eval_images_per_category, resolution=args.resolution,
+                                     progress=bar, picture=picture, sde=rollout_sde)
             bar.close()
-        if main_process and args.grid_every and epoch % args.grid_every == 0:
-            step = max(1, len(images) // 32)
-            picked = list(range(0, len(images), step))[:32]
-            rewards = reward_fn(images[picked], [eval_prompts[i].text for i in picked],
-                                [eval_prompts[i].metadata for i in picked])["avg"]
-            save_grid(output_dir / "grids" / f"eval_epoch{epoch:04d}.png", images[picked],
-                      [f"{eval_prompts[i].text} [{r:.2f}]" for i, r in zip(picked, rewards)])
         return metrics
 
     executor = ThreadPoolExecutor(max_workers=1)
@@ -529,7 +550,8 @@ def main(args: Args):
                     with accelerator.accumulate(wrapped):
                         with accelerator.autocast():
                             velocity = adapter.predict_velocity(x_all[:, k], sigmas[j], embeds, train_negative,
-                                                                train_guidance)
+                                                                train_guidance,
+                                                                detach_uncond=args.train_cfg_detach_uncond)
                         out = sde.sde_step(velocity, x_all[:, k], j, sigmas, args.noise_level, args.sampler,
                                            prev_sample=x_all[:, k + 1], logprob=args.logprob)
                         policy_loss, step_stats = ppo_clip_loss(out.log_prob, old_all[:, k], adv.to(out.log_prob.device),
@@ -621,6 +643,9 @@ def main(args: Args):
         if evals and "eval/accuracy" in evals[0]:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
+        if args.eval_every > 0:  # the model's own end-of-run figures (the gmm world: the optimal frontier)
+            adapter.report(output_dir, history, reward_fn, test_prompts, seed=args.seed, num_steps=args.eval_num_steps,
+                           guidance=args.eval_guidance, images_per_category=args.eval_images_per_category)
         context = ema.swapped() if ema is not None else nullcontext()
         with context:
             if args.use_lora:

@@ -35,10 +35,10 @@ Launch:
         --teacher-prompts objects=tag:single_object+two_object+counting colours=tag:colors+color_attr
     # the whole table (teachers, GRPO-Mix, OPD, evaluation): python bench/opd_table.py
     # one GPU, the published single-teacher recipe (general_ocr_sd3_8gpu_opd scaled to 1 GPU)
-    accelerate launch flow_opd.py --preset sd3 --pretrained stabilityai/stable-diffusion-3.5-medium \
+    accelerate launch flow_opd.py --model sd3 \
         --prompts path/to/ocr --reward ocr --teachers ocr=path/to/SD3.5M-FlowGRPO-Text/peft
     # 8 GPUs, two datasets alternating OCR 1 : GenEval 3 (the published mix recipe)
-    accelerate launch --multi_gpu --num_processes 8 flow_opd.py --preset sd3_mix --pretrained ... \
+    accelerate launch --multi_gpu --num_processes 8 flow_opd.py --model sd3 --preset sd3_mix \
         --teachers ocr=... geneval=... --teacher-prompts ocr=path/to/ocr geneval=path/to/geneval \
         --teacher-rewards ocr=ocr geneval=geneval --epochs-per-cycle ocr=1 geneval=3
     # 2 CPU processes (gloo); note `--cpu --num_processes 2` silently starts only one
@@ -62,7 +62,7 @@ import torch
 from common.cli import parse_with_presets
 from common.data import GroupSampler, category_weights, load_prompts
 from common.lora_merge import resolve_lora_dir
-from common.models import check_model_name
+from common.models import check_model_inputs
 from common.rewards import parse_reward_spec
 
 
@@ -71,6 +71,8 @@ class Args:
     # ---- experiment
     exp_name: str = "flow_opd"
     """name of the run (tracker run name)"""
+    preset: Optional[str] = None
+    """the preset these defaults came from: `--preset NAME`, else the --model's (listed above the options)"""
     seed: int = 42
     """seeds prompts, initial noise, SDE noise and shuffles (everything is derived from it and the epoch)"""
     output_dir: str = "runs/flow_opd"
@@ -98,9 +100,9 @@ class Args:
 
     # ---- model (the student is always a LoRA: teachers and the anchor are adapters on its base)
     model: str = "toy"
-    """model adapter: toy (embedded, offline) or sd3"""
+    """model adapter: toy, gmm (both offline) or sd3; without --preset, also its preset (sd3: sd3)"""
     pretrained: Optional[str] = None
-    """hub id or local directory (toy: the committed weights when unset)"""
+    """hub id or local directory (default: the model's checkpoint, listed above the options)"""
     resolution: Optional[int] = None
     """image size in pixels (default: the model's)"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -192,6 +194,8 @@ class Args:
     """mixed: normalise task advantages by the std of all rewards (True) or of each group (False)"""
     timestep_fraction: float = 0.99
     """train the first int(num_steps·fraction) steps (the last step never)"""
+    train_cfg_detach_uncond: bool = True
+    """with CFG in training, no gradient through v_u: w·∇v_c, as published since 2025-07-15 (off: (1 - w)·∇v_u + w·∇v_c)"""
     updates_per_epoch: int = 2
     """optimizer steps per epoch; batches_per_epoch / updates_per_epoch micro-batches each"""
     num_inner_epochs: int = 1
@@ -220,7 +224,20 @@ _SD3 = dict(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, g
             noise_level=0.7, group_size=16, eval_num_steps=40, eval_guidance=4.5, clip_range=1e-4, beta=0.04,
             kl_convention="flowgrpo", ema=True, balance_categories=False, eval_every=60, save_every=60, grid_every=60,
             num_epochs=100000, max_minutes=None, objective="pg")
+# `--preset gmm`: the gmm world (common/gmm), learning in about a minute on 2 CPU cores: 256 points
+# per epoch, no CFG, 512 ODE points per category per evaluation (SE ~0.01). The algorithm fields are
+# this file's published ones (scaled to one process); chosen before any run of it was seen.
+_GMM = dict(model="gmm", prompts="gmm", reward="gmm_target", num_steps=10, guidance=1.0, eval_num_steps=20,
+            eval_guidance=1.0, eval_images_per_category=512, num_epochs=150, max_minutes=2.0, eval_every=25,
+            save_every=50, grid_every=50)
 PRESETS = {
+    # two teachers, each `python flow_grpo.py --preset gmm` on its task's prompts (bench/claims.py trains them):
+    #   --prompts gmm@tag:single --batch-size 96 --output-dir runs/gmm_teacher_single
+    #   --prompts gmm@tag:pair+half+any --batch-size 192 --output-dir runs/gmm_teacher_multi
+    "gmm": Args(**_GMM, exp_name="flow_opd_gmm", output_dir="runs/flow_opd_gmm", sampler="flow", noise_level=0.7,
+                teachers=("single=runs/gmm_teacher_single", "multi=runs/gmm_teacher_multi"),
+                teacher_prompts=("single=tag:single", "multi=tag:pair+half+any"), batch_size=256, group_size=16,
+                batches_per_epoch=1, updates_per_epoch=1, learning_rate=1e-3),
     "toy": Args(),
     # general_ocr_sd3_8gpu_opd: 8 GPUs x bs 8, k 16, nb 4, G 2, lr 3e-4 (objective: ours, not the public kl_only)
     "sd3": Args(**_SD3, batch_size=8, batches_per_epoch=4, updates_per_epoch=2, learning_rate=3e-4),
@@ -230,9 +247,14 @@ PRESETS = {
 }
 
 
+# `--model NAME` without `--preset`: that model's preset here (sd3: the published single-teacher
+# recipe, general_ocr_sd3_8gpu_opd; --preset sd3_mix for the two-dataset one)
+MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3"}
+
+
 def parse_args(argv=None):
-    """`--preset NAME` picks the defaults, then tyro parses the rest on top of them."""
-    return parse_with_presets(Args, PRESETS, argv, description=__doc__)
+    """`--preset NAME` (or the --model's preset) picks the defaults, then tyro parses the rest on top of them."""
+    return parse_with_presets(Args, PRESETS, argv, description=__doc__, model_presets=MODEL_PRESETS)
 
 
 # ------------------------------------------------------------------------------- teachers and datasets
@@ -321,7 +343,8 @@ def dataset_for_epoch(epoch, epochs_per_cycle):
 
 def validate(args: Args, num_processes: int = 1):
     """Check everything that can be checked before a model loads; errors say what to change."""
-    check_model_name(args.model)
+    # the model name, its checkpoint and every prompt against its vocabulary (closed-vocabulary worlds)
+    check_model_inputs(args.model, args.pretrained, args.prompts)
     parse_reward_spec(args.reward)
     if args.batch_size < 1 or args.group_size < 1:
         raise ValueError("--batch-size and --group-size must be positive")
@@ -462,13 +485,15 @@ def main(args: Args):
     from common.lora_merge import attach_lora, load_lora_adapter, merge_loras, read_lora
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
-    from common.outputs import MetricsLog, plot_curves, read_metrics, save_grid
+    from common.outputs import MetricsLog, plot_curves, read_metrics, write_recipe
     from common.rewards import MultiReward, collect_rewards, gather_reward_metrics
     from common.rollout import derive_seed, initial_latents, noise_schedule, rollout
 
     main_process, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    # the recipe, printed and in config.json, before any weights load
+    write_recipe(args, accelerator, objective=args.objective, routing=args.routing, teachers=list(args.teachers))
     sde.use_compile(args.compile)
     torch.manual_seed(args.seed + rank)
     datasets = build_datasets(args)
@@ -555,28 +580,28 @@ def main(args: Args):
     if args.track != "none":
         accelerator.init_trackers(args.exp_name, config={k: str(v) for k, v in vars(args).items()})
 
+    # the rollout policy's SDE, for evaluation diagnostics that need it (the gmm world's path KL)
+    rollout_sde = dict(sampler=args.sampler, noise_level=args.noise_level, num_steps=args.num_steps,
+                       guidance=args.guidance)
+
     def run_eval(epoch):
         metrics = {}
         context = ema.swapped() if ema is not None else nullcontext()
         with context:
             for spec, prompts in eval_prompts_by_reward.items():
                 bar = tqdm(desc=f"eval {epoch}", unit="img", disable=not main_process, leave=False)
-                result, images, eval_prompts = evaluate(adapter, prompts, reward_fns[spec], num_steps=args.eval_num_steps,
-                                                        guidance=args.eval_guidance, seed=args.seed,
-                                                        images_per_category=args.eval_images_per_category,
-                                                        resolution=args.resolution, progress=bar)
+                tag = "" if len(eval_prompts_by_reward) == 1 else "_" + "+".join(d.name for d in eval_sets[spec])
+                picture = (output_dir / "grids" / f"eval{tag}_epoch{epoch:04d}.png"
+                           if main_process and args.grid_every and epoch % args.grid_every == 0 else None)
+                result, _, _ = evaluate(adapter, prompts, reward_fns[spec], num_steps=args.eval_num_steps,
+                                        guidance=args.eval_guidance, seed=args.seed,
+                                        images_per_category=args.eval_images_per_category, resolution=args.resolution,
+                                        progress=bar, picture=picture, sde=rollout_sde)
                 bar.close()
                 if len(eval_prompts_by_reward) > 1:  # per dataset group, each with its own reward
                     prefix = "eval/" + "+".join(d.name for d in eval_sets[spec]) + "/"
                     result = {prefix + k[len("eval/"):]: v for k, v in result.items()}
                 metrics.update(result)
-                if main_process and args.grid_every and epoch % args.grid_every == 0:
-                    picked = list(range(0, len(images), max(1, len(images) // 32)))[:32]
-                    scores = reward_fns[spec](images[picked], [eval_prompts[i].text for i in picked],
-                                              [eval_prompts[i].metadata for i in picked])["avg"]
-                    tag = "" if len(eval_prompts_by_reward) == 1 else "_" + "+".join(d.name for d in eval_sets[spec])
-                    save_grid(output_dir / "grids" / f"eval{tag}_epoch{epoch:04d}.png", images[picked],
-                              [f"{eval_prompts[i].text} [{r:.2f}]" for i, r in zip(picked, scores)])
         if len(eval_prompts_by_reward) > 1:
             metrics["eval/reward_mean"] = float(np.mean([v for k, v in metrics.items() if k.endswith("/reward_mean")]))
         return metrics
@@ -725,7 +750,8 @@ def main(args: Args):
                     with accelerator.accumulate(wrapped):
                         with accelerator.autocast():
                             velocity = adapter.predict_velocity(x_all[:, j], sigmas[j].expand(len(rows)), embeds,
-                                                                negative, args.guidance)
+                                                                negative, args.guidance,
+                                                                detach_uncond=args.train_cfg_detach_uncond)
                         out = sde.sde_step(velocity, x_all[:, j], j, sigmas, float(levels[j]), args.sampler,
                                            prev_sample=x_all[:, j + 1])
                         device = out.mean.device
@@ -819,6 +845,10 @@ def main(args: Args):
         if evals:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
+        if args.eval_every > 0 and len(eval_prompts_by_reward) == 1:  # the model's own figures (gmm: the frontier)
+            (spec, prompts), = eval_prompts_by_reward.items()
+            adapter.report(output_dir, history, reward_fns[spec], prompts, seed=args.seed, num_steps=args.eval_num_steps,
+                           guidance=args.eval_guidance, images_per_category=args.eval_images_per_category)
         context = ema.swapped() if ema is not None else nullcontext()
         with context:
             export_lora(transformer, output_dir / "final", adapter_name="default", merged=args.export_merged)

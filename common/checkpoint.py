@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusion3Pipeline
+# the SD3 LoRA loader's save (the same `transformer.*` format for every model of this library);
+# the mixin, not the pipeline: importing the pipeline pulls in transformers' image processors
+from diffusers.loaders import SD3LoraLoaderMixin
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -109,7 +111,7 @@ def export_lora(transformer, directory, adapter_name="default", merged=False):
     config = transformer.peft_config[adapter_name]
     # as is: no convert_state_dict_to_diffusers (it drops SD3's attention LoRAs silently), and
     # the config in the metadata (without it, loading assumes lora_alpha == r)
-    StableDiffusion3Pipeline.save_lora_weights(directory / "diffusers", transformer_lora_layers=state,
+    SD3LoraLoaderMixin.save_lora_weights(directory / "diffusers", transformer_lora_layers=state,
                                                transformer_lora_adapter_metadata=config.to_dict())
     peft_dir = directory / "peft"
     peft_dir.mkdir(exist_ok=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 TOY_DATA_DIR = Path(__file__).resolve().parent / "toy" / "data"
-DATASETS = {"toy": TOY_DATA_DIR}
+GMM_DATA_DIR = Path(__file__).resolve().parent / "gmm" / "data"
+DATASETS = {"toy": TOY_DATA_DIR, "gmm": GMM_DATA_DIR}
 SPLITS = ("train", "test")
 
 
@@ -54,6 +55,7 @@ def resolve_prompt_file(spec, split="train"):
     `{split}_metadata.jsonl` / `{split}.txt`, or a single .txt / .jsonl file (used for every split)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    spec = split_tag_selector(spec)[0]
     if spec in DATASETS:
         return _split_file(DATASETS[spec], split)
     path = Path(spec)
@@ -66,11 +68,28 @@ def resolve_prompt_file(spec, split="train"):
     raise FileNotFoundError(f"--prompts {spec!r} is neither a dataset ({sorted(DATASETS)}) nor an existing path")
 
 
+def split_tag_selector(spec):
+    """'gmm@tag:single+pair' -> ('gmm', {'single', 'pair'}); a spec without '@tag:' -> (spec, None)."""
+    base, sep, tags = str(spec).rpartition("@tag:")
+    if not sep:
+        return str(spec), None
+    if not tags:
+        raise ValueError(f"--prompts {spec}: name at least one tag after @tag: (e.g. {base}@tag:single+pair)")
+    return base, set(tags.split("+"))
+
+
 def load_prompts(spec, split="train"):
+    """The `Prompt`s of a spec; `SPEC@tag:A+B` keeps the records whose metadata `tag` is A or B
+    (a task subset of a GenEval-style set, e.g. one Flow-OPD teacher's prompts)."""
+    spec, tags = split_tag_selector(spec)
     path = resolve_prompt_file(spec, split)
     prompts = _read_jsonl(path) if path.suffix == ".jsonl" else _read_txt(path)
     if not prompts:
         raise ValueError(f"prompt file {path} contains no prompts")
+    if tags is not None:
+        prompts = [p for p in prompts if p.metadata.get("tag") in tags]
+        if not prompts:
+            raise ValueError(f"prompt file {path} has no {split} prompt with tag(s) {sorted(tags)}")
     return prompts
 
 

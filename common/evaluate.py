@@ -65,9 +65,10 @@ def generate_seeded(adapter, prompts, seeds, *, num_steps, guidance, resolution=
 
 
 @torch.no_grad()
-def generate(adapter, prompts, *, num_steps, guidance, seed=0, batch_size=64, resolution=None, progress=None):
+def generate(adapter, prompts, *, num_steps, guidance, seed=0, batch_size=None, resolution=None, progress=None):
     """ODE images (N, 3, H, W) in [0, 1] for `prompts` (list of `Prompt`), seeds seed + index."""
     images = []
+    batch_size = batch_size or adapter.eval_batch_size
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         images.append(generate_seeded(adapter, chunk, [seed + start + i for i in range(len(chunk))],
@@ -82,7 +83,11 @@ def summarize(prompts, rewards, strict_key=None):
     accuracy per category (`eval/accuracy/<tag>`) and overall (`eval/accuracy`). Images a remote
     reward could not score (NaN, `on_error=drop`) are left out of the means and counted in
     `eval/dropped`."""
-    metrics = {"eval/reward_mean": float(np.nanmean(rewards["avg"]))}
+    scored = np.asarray(rewards["avg"], dtype=np.float64)
+    scored = scored[np.isfinite(scored)]
+    metrics = {"eval/reward_mean": float(np.nanmean(rewards["avg"])),
+               # the standard error of that mean over images (learning tests compare runs in its units)
+               "eval/reward_se": float(scored.std(ddof=1) / np.sqrt(len(scored))) if len(scored) > 1 else float("nan")}
     for name, values in rewards.items():
         if name != "avg":
             metrics[f"eval/{name}_mean"] = float(np.nanmean(values))
@@ -98,15 +103,25 @@ def summarize(prompts, rewards, strict_key=None):
     return metrics
 
 
-def evaluate(adapter, prompts, reward_fn, *, num_steps=20, guidance=4.0, seed=0, batch_size=64,
-             images_per_category=64, resolution=None, progress=None):
-    """(metrics, images, eval prompts) for the balanced eval set built from `prompts`."""
+def evaluate(adapter, prompts, reward_fn, *, num_steps=20, guidance=4.0, seed=0, batch_size=None,
+             images_per_category=64, resolution=None, progress=None, picture=None, sde=None):
+    """(metrics, images, eval prompts) for the balanced eval set built from `prompts`.
+
+    `picture`: a path where the adapter pictures the samples with their scores (image models: a
+    grid). `sde`: the run's rollout sampler (sampler, noise_level, num_steps, guidance) for the
+    adapter's diagnostics that need it (the gmm world's path KL; ignored when noise_level is 0).
+    The metrics also hold the adapter's exact diagnostics (`ModelAdapter.diagnostics`)."""
     eval_prompts = balanced_eval_prompts(prompts, images_per_category)
     images = generate(adapter, eval_prompts, num_steps=num_steps, guidance=guidance, seed=seed,
                       batch_size=batch_size, resolution=resolution, progress=progress)
     rewards = reward_fn(images, [p.text for p in eval_prompts], [p.metadata for p in eval_prompts])
     strict_key = next((k for k in rewards if k.endswith("_strict")), None)
-    return summarize(eval_prompts, rewards, strict_key), images, eval_prompts
+    metrics = summarize(eval_prompts, rewards, strict_key)
+    metrics.update(adapter.diagnostics(eval_prompts, images, seed=seed, num_steps=num_steps, guidance=guidance,
+                                       sde=sde if sde and sde["noise_level"] > 0 else None))
+    if picture is not None:
+        adapter.picture(picture, images, eval_prompts, np.asarray(rewards["avg"], dtype=np.float64))
+    return metrics, images, eval_prompts
 
 
 # ------------------------------------------------------------------- standalone evaluation CLI

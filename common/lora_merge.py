@@ -111,7 +111,7 @@ def load_lora_adapter(transformer, path, adapter_name):
 
 def save_lora(directory, config, state):
     """Write `directory/peft` and `directory/diffusers` (the layout of a run's `final/`)."""
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers.loaders import SD3LoraLoaderMixin
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -120,7 +120,7 @@ def save_lora(directory, config, state):
     save_file(state, str(directory / "peft" / PEFT_FILE))
     plain = {k: sorted(v) if isinstance(v, (set, tuple)) else v for k, v in config.items()}
     (directory / "peft" / PEFT_CONFIG).write_text(json.dumps(plain, indent=2))
-    StableDiffusion3Pipeline.save_lora_weights(directory / "diffusers", transformer_lora_layers=state,
+    SD3LoraLoaderMixin.save_lora_weights(directory / "diffusers", transformer_lora_layers=state,
                                                transformer_lora_adapter_metadata=lora_config(config).to_dict())
     return directory
 

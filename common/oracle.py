@@ -46,6 +46,31 @@ def step_coefficients(sigma, sigma_next, sigma_1, noise_level, sampler, data_mea
     return a, b, g * math.sqrt(-dt)
 
 
+def velocity_slope(sigma, sigma_next, sigma_1, noise_level, sampler):
+    """∂mean/∂v of one step: how far the transition mean moves per unit shift of the velocity
+    (the coefficient of v in ALGORITHMS.md §2's means; `step_coefficients` multiplies it by beta)."""
+    dt = sigma_next - sigma
+    if noise_level == 0:
+        return dt
+    if sampler == "cps":
+        std = sigma_next * math.sin(noise_level * math.pi / 2)
+        return -sigma * (1 - sigma_next) + math.sqrt(max(sigma_next**2 - std**2, 0.0)) * (1 - sigma)
+    g = noise_level * math.sqrt(sigma / (1 - (sigma_1 if sigma >= 1 else sigma))) if sampler == "flow" else noise_level
+    return dt * (1 + g**2 / (2 * sigma) * (1 - sigma))
+
+
+def final_mean(sigmas, noise_level, sampler, data_mean, data_var, offsets):
+    """E[x_N] (a torch fp64 scalar, differentiable in `offsets`) when the velocity of step j is the
+    exact one plus `offsets[j]` (a (N,) tensor): the moment recursion with the shift's slope added.
+    Its gradient is the exact policy gradient dJ/d(offsets) of the reward r(x) = x."""
+    sigmas = [float(s) for s in sigmas]
+    mean = torch.zeros((), dtype=torch.float64)
+    for j in range(len(sigmas) - 1):
+        a, b, _ = step_coefficients(sigmas[j], sigmas[j + 1], sigmas[1], noise_level, sampler, data_mean, data_var)
+        mean = a * mean + b + velocity_slope(sigmas[j], sigmas[j + 1], sigmas[1], noise_level, sampler) * offsets[j]
+    return mean
+
+
 def exact_moments(sigmas, noise_level, sampler, data_mean, data_var, noise_levels=None):
     """Exact (mean, variance) of x at every grid point, starting from x_T ~ N(0, 1)."""
     sigmas = [float(s) for s in sigmas]

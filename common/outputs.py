@@ -1,5 +1,6 @@
-"""Run outputs: `metrics.jsonl` (one record per epoch), accelerate trackers (TensorBoard by
-default, wandb on request), captioned sample grids and the reward curve.
+"""Run outputs: the resolved recipe (printed at the start, `config.json`), `metrics.jsonl` (one
+record per epoch), accelerate trackers (TensorBoard by default, wandb on request), captioned
+sample grids and the reward curve.
 
 Metric names are shared by every algorithm file (README "Logged metrics"): `reward/mean`,
 `reward/std`, `train/loss`, `train/ratio_mean`, `train/ratio_dev_max`, `train/approx_kl`,
@@ -7,12 +8,100 @@ Metric names are shared by every algorithm file (README "Logged metrics"): `rewa
 `eval/accuracy[/<tag>]`, `perf/epoch_s`, `perf/images_per_s`.
 """
 
+import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+
+def resolved_recipe(args, **extra):
+    """The numbers that define a run, from its validated Args (the fields that Args has): model,
+    checkpoint, preset, sizes, sampler, the batch and group arithmetic per process and in total,
+    what one optimizer step sees, the trained steps and the optimiser. `extra`: entries the file
+    adds (what it trains when that is not `train_steps`, its algorithm switches)."""
+    from common.models import get_adapter_class
+
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    adapter = get_adapter_class(args.model)
+    processes, batch, group = get("num_processes", 1), args.batch_size, args.group_size
+    batches, updates = get("batches_per_epoch", 1), get("updates_per_epoch", 1)
+    script = Path(sys.modules[type(args).__module__].__file__).name  # the algorithm file, run or imported
+    recipe = {"script": script, "model": args.model,
+              "checkpoint": args.pretrained or adapter.default_pretrained, "preset": get("preset"),
+              "resolution": args.resolution or adapter.default_resolution,
+              "dtype": {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[args.mixed_precision],
+              "lora": (f"rank {args.lora_rank or adapter.lora_rank}, alpha {args.lora_alpha or adapter.lora_alpha}"
+                       if get("use_lora", True) else "none: all transformer weights train"),
+              "num_steps": args.num_steps, "sampler": args.sampler, "noise_level": args.noise_level,
+              "guidance": args.guidance, "eval_num_steps": get("eval_num_steps"), "eval_guidance": get("eval_guidance"),
+              "processes": processes, "images_per_batch_per_process": batch, "images_per_batch": batch * processes,
+              "group_size": group, "prompts_per_batch": batch * processes // group, "batches_per_epoch": batches,
+              "images_per_epoch_per_process": batch * batches, "images_per_epoch": batch * batches * processes,
+              "updates_per_epoch": updates, "images_per_update": batch * batches * processes // updates}
+    if get("train_steps"):
+        recipe["trained_steps"] = list(args.train_steps)
+    recipe["micro_steps_per_update"] = get("grad_accumulation")
+    for name in ("num_inner_epochs", "learning_rate", "beta", "clip_range", "kl_convention"):
+        if hasattr(args, name):
+            recipe[name] = getattr(args, name)
+    recipe["ema_every"] = args.ema_every if get("ema") else None
+    recipe.update(extra)
+    recipe.update(reward=args.reward, prompts=args.prompts, num_epochs=args.num_epochs, max_minutes=get("max_minutes"))
+    return recipe
+
+
+# recipe entries that `format_recipe` lays out in its own lines; the rest go on the training line
+_LAID_OUT = {"script", "model", "checkpoint", "preset", "resolution", "dtype", "lora", "num_steps", "sampler",
+             "noise_level", "guidance", "eval_num_steps", "eval_guidance", "processes", "images_per_batch_per_process",
+             "images_per_batch", "group_size", "prompts_per_batch", "batches_per_epoch", "images_per_epoch_per_process",
+             "images_per_epoch", "updates_per_epoch", "images_per_update", "reward", "prompts", "num_epochs",
+             "max_minutes"}
+
+
+def format_recipe(r, path=None):
+    """The recipe as one printed block of short lines, to check against the paper's numbers."""
+    def count(n, word, plural=None):
+        return f"{n} {word if n == 1 else plural or word + 's'}"
+
+    def entry(name, value):
+        if name == "trained_steps" and isinstance(value, list) and value == list(range(value[0], value[-1] + 1)):
+            value = f"{value[0]}..{value[-1]} ({len(value)} of {r['num_steps']})"
+        elif name == "ema_every":
+            name, value = "ema", f"every {value} steps" if value else "off"
+        return f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+
+    size = f"{r['resolution']} px, " if r["resolution"] else ""
+    evaluation = (f"; eval {r['eval_num_steps']} ODE steps, guidance {r['eval_guidance']:g}"
+                  if r.get("eval_num_steps") else "")
+    limit = f" or {r['max_minutes']:g} min" if r.get("max_minutes") is not None else ""
+    return "\n".join([
+        f"---- recipe: {r['script']}, preset {r['preset']}" + (f" (also in {path})" if path else ""),
+        f"model      {r['model']} from {r['checkpoint']}; {size}{r['dtype']}; LoRA {r['lora']}",
+        f"sampling   {count(r['num_steps'], 'step')}, sampler {r['sampler']}, noise level {r['noise_level']:g}, "
+        f"guidance {r['guidance']:g}{evaluation}",
+        f"batch      {r['images_per_batch_per_process']} per process x {count(r['processes'], 'process', 'processes')} "
+        f"= {r['images_per_batch']} images = {count(r['prompts_per_batch'], 'prompt')} x group {r['group_size']}",
+        f"epoch      {count(r['batches_per_epoch'], 'batch', 'batches')} = {r['images_per_epoch_per_process']} images "
+        f"per process, {r['images_per_epoch']} in total; {count(r['updates_per_epoch'], 'update')} of "
+        f"{r['images_per_update']} images each",
+        "training   " + ", ".join(entry(name, value) for name, value in r.items() if name not in _LAID_OUT),
+        f"run        {count(r['num_epochs'], 'epoch')}{limit}, reward {r['reward']}, prompts {r['prompts']}"])
+
+
+def write_recipe(args, accelerator=None, **extra):
+    """Print the resolved recipe as one block and write it with the full resolved Args to
+    `output_dir/config.json`, on the main process only; returns the recipe."""
+    recipe = resolved_recipe(args, **extra)
+    if accelerator is None or accelerator.is_main_process:
+        path = Path(args.output_dir) / "config.json"
+        print(format_recipe(recipe, path), flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"recipe": recipe, "args": dataclasses.asdict(args)}, indent=2, default=str) + "\n")
+    return recipe
 
 
 class MetricsLog:

@@ -63,14 +63,30 @@ def _jpeg_kilobytes(images):
     return np.array(sizes, dtype=np.float32)
 
 
-def jpeg_compressibility_reward():
-    """-(JPEG size at quality 95 in kB) / 500: higher for simpler images (DDPO's reward)."""
-    return lambda images, prompts, metadata: {"jpeg_compressibility": -_jpeg_kilobytes(images) / 500}
+# the two published scales of the JPEG size: raw kB (DDPO both ways, flow_grpo's incompressibility)
+# and kB / 500 (flow_grpo's compressibility only)
+JPEG_SCALES = {"kB": 1, "kB/500": 500}  # name -> divisor
 
 
-def jpeg_incompressibility_reward():
-    """+(JPEG size at quality 95 in kB) / 500: higher for busier images (DDPO's other reward)."""
-    return lambda images, prompts, metadata: {"jpeg_incompressibility": _jpeg_kilobytes(images) / 500}
+def _jpeg_scale(name, scale, default):
+    scale = default if scale is None else scale
+    if scale not in JPEG_SCALES:
+        raise ValueError(f"{name} takes a scale, `{name}:kB` or `{name}:kB/500`; got {scale!r}")
+    return JPEG_SCALES[scale]
+
+
+def jpeg_compressibility_reward(scale=None):
+    """-(JPEG size at quality 95 in kB) / 500 by default, flow_grpo's `jpeg_compressibility`: higher
+    for simpler images. `jpeg_compressibility:kB` is DDPO's, -kB without the /500."""
+    divisor = _jpeg_scale("jpeg_compressibility", scale, "kB/500")
+    return lambda images, prompts, metadata: {"jpeg_compressibility": -_jpeg_kilobytes(images) / divisor}
+
+
+def jpeg_incompressibility_reward(scale=None):
+    """+(JPEG size at quality 95 in kB), DDPO's and flow_grpo's `jpeg_incompressibility`: higher for
+    busier images. `jpeg_incompressibility:kB/500` divides by 500 (no published reward does)."""
+    divisor = _jpeg_scale("jpeg_incompressibility", scale, "kB")
+    return lambda images, prompts, metadata: {"jpeg_incompressibility": _jpeg_kilobytes(images) / divisor}
 
 
 REWARDS = {
@@ -78,6 +94,10 @@ REWARDS = {
     "colour_coverage": colour_coverage_reward,
     "jpeg_compressibility": jpeg_compressibility_reward,
     "jpeg_incompressibility": jpeg_incompressibility_reward,
+    # the gmm world (--model gmm): points, not images
+    "gmm_target": "common.gmm.rewards:target_reward",
+    "gmm_hit": "common.gmm.rewards:hit_reward",
+    "gmm_proxy": "common.gmm.rewards:proxy_reward",
     "ocr": "common.reward_models:ocr_reward",
     "aesthetic": "common.reward_models:aesthetic_reward",
     "clipscore": "common.reward_models:clipscore_reward",

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.utils.torch_utils import randn_tensor
 
 SAMPLERS = ("flow", "cps", "dance")
 LOGPROBS = ("exact", "cps_unnormalized")
@@ -110,6 +108,8 @@ def sde_step(velocity, sample, step_index, sigmas, noise_level, sampler="flow", 
     sigma_for_g = torch.where(sigma >= 1, sigmas[1].expand(batch), sigma)
     noise_level = torch.as_tensor(noise_level, device=device, dtype=torch.float32).expand(batch).contiguous()
     if prev_sample is None:
+        from diffusers.utils.torch_utils import randn_tensor  # lazily: `validate` imports this module
+
         noise = randn_tensor(sample.shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
         noise_or_prev, draw = noise.to(device), True
     else:
@@ -158,6 +158,8 @@ def make_sigmas(scheduler_config, num_steps, image_seq_len=None):
     (FLUX, Qwen-Image) the shift mu is computed from the image's token count as their
     pipelines do, on the grid linspace(1, 1/N, N).
     """
+    from diffusers import FlowMatchEulerDiscreteScheduler  # lazily: importing diffusers takes seconds
+
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
     if scheduler.config.use_dynamic_shifting:
         if image_seq_len is None:

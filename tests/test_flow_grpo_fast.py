@@ -67,9 +67,11 @@ def test_on_policy_ratio_is_one(tmp_path, mode, guidance):
 def test_on_policy_ratio_is_one_on_tiny_sd3_branch_mode(tmp_path, tiny_sd3_dir):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red dog\ntwo blue cat\nthe dog on the left\n")
-    records = run(tmp_path, "--model", "sd3", "--pretrained", str(tiny_sd3_dir), "--resolution", "64",
-                  "--prompts", str(prompts), "--reward", "jpeg_compressibility", "--branch-mode", "branch",
-                  "--guidance", "4.5", "--no-filter-zero-std", "--lora-rank", "4", "--lora-alpha", "8")
+    # the toy recipe on the sd3 plumbing (`--model sd3` alone would pick the sd3 preset)
+    records = run(tmp_path, "--preset", "toy", "--model", "sd3", "--pretrained", str(tiny_sd3_dir),
+                  "--resolution", "64", "--prompts", str(prompts), "--reward", "jpeg_compressibility",
+                  "--branch-mode", "branch", "--guidance", "4.5", "--no-filter-zero-std", "--lora-rank", "4",
+                  "--lora-alpha", "8")
     assert records[0]["train/ratio_dev_max"] <= 1e-6
 
 

@@ -1,6 +1,7 @@
 """A real 2-process CPU run through `accelerate launch` (gloo). `--cpu --num_processes 2` would
 silently start one process, hence --multi_gpu with the script's Accelerator(cpu=True)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -29,3 +30,7 @@ def test_two_processes_run_an_epoch_with_complete_groups(tmp_path):
         assert record["dist/complete_groups"] == 1.0   # every group complete after the gather
         assert record["train/ratio_dev_max"] < 1e-4
     assert (out / "final" / "diffusers" / "pytorch_lora_weights.safetensors").exists()
+    # the recipe is printed once (main process) and counts both processes
+    assert result.stdout.count("---- recipe:") == 1, result.stdout[-3000:]
+    recipe = json.loads((out / "config.json").read_text())["recipe"]
+    assert (recipe["processes"], recipe["images_per_batch"], recipe["images_per_update"]) == (2, 8, 16)

@@ -47,10 +47,11 @@ def test_on_policy_ratio_is_one_compiled(tmp_path, sampler):
 def test_on_policy_ratio_is_one_on_tiny_sd3(tmp_path, tiny_sd3_dir, sampler, guidance):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red dog\ntwo blue cat\nthe dog on the left\n")
-    records = run(tmp_path, "--model", "sd3", "--pretrained", str(tiny_sd3_dir), "--resolution", "64",
-                  "--prompts", str(prompts), "--reward", "jpeg_compressibility", "--sampler", sampler,
-                  "--noise-level", "0.7", "--guidance", guidance, "--no-filter-zero-std", "--lora-rank", "4",
-                  "--lora-alpha", "8")
+    # the toy recipe on the sd3 plumbing (`--model sd3` alone would pick the sd3 preset)
+    records = run(tmp_path, "--preset", "toy", "--model", "sd3", "--pretrained", str(tiny_sd3_dir),
+                  "--resolution", "64", "--prompts", str(prompts), "--reward", "jpeg_compressibility",
+                  "--sampler", sampler, "--noise-level", "0.7", "--guidance", guidance, "--no-filter-zero-std",
+                  "--lora-rank", "4", "--lora-alpha", "8")
     assert records[0]["train/ratio_dev_max"] <= 1e-6
 
 
@@ -90,8 +91,8 @@ def test_export_round_trip_with_diffusers_load_lora_weights(tmp_path, tiny_sd3_d
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red dog\n")
-    run(tmp_path, "--model", "sd3", "--pretrained", str(tiny_sd3_dir), "--resolution", "64", "--prompts",
-        str(prompts), "--reward", "jpeg_compressibility", "--no-ema", "--learning-rate", "0.05",
+    run(tmp_path, "--preset", "toy", "--model", "sd3", "--pretrained", str(tiny_sd3_dir), "--resolution", "64",
+        "--prompts", str(prompts), "--reward", "jpeg_compressibility", "--no-ema", "--learning-rate", "0.05",
         "--lora-rank", "4", "--lora-alpha", "8", "--save-every", "1", "--num-epochs", "2", name="export")
     out = tmp_path / "export"
     # our trained model: the checkpoint's weights in a fresh adapter

@@ -51,10 +51,15 @@ def test_sde_rollout_trajectory_contents(adapter):
     assert trajectory.images.min() >= 0 and trajectory.images.max() <= 1
 
 
-def test_unknown_model_and_missing_path_fail_before_loading(tmp_path):
+def test_unknown_model_and_missing_path_fail_before_loading(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     with pytest.raises(ValueError, match="unknown model 'sdxl'"):
         get_adapter_class("sdxl")
-    with pytest.raises(ValueError, match="--pretrained is required"):
-        load_adapter("sd3", None)
+    # no --pretrained: the published checkpoint, absent from an empty cache with the hub offline
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(FileNotFoundError, match="stabilityai/stable-diffusion-3.5-medium .*--pretrained /path/to/dir"):
+        get_adapter_class("sd3").check_pretrained(None)
     with pytest.raises(FileNotFoundError, match="no toy model"):
         load_adapter("toy", str(tmp_path))

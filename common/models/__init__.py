@@ -6,6 +6,7 @@ import importlib
 ADAPTERS = {
     "toy": "common.models.toy:ToyAdapter",
     "sd3": "common.models.sd3:SD3Adapter",
+    "gmm": "common.models.gmm:GMMAdapter",
 }
 
 
@@ -29,3 +30,15 @@ def load_adapter(name, pretrained=None, device="cpu", dtype=None):
     transformers.utils.logging.disable_progress_bar()
 
     return get_adapter_class(name).load(pretrained, device=device, dtype=dtype or torch.float32)
+
+
+def check_model_inputs(name, pretrained, prompt_spec):
+    """Everything about the model that `validate` can check before a model loads: the name, the
+    checkpoint (where the adapter can tell), and every train and test prompt against the model's
+    vocabulary (closed-vocabulary worlds), each with a one-line error."""
+    from common.data import load_prompts, resolve_prompt_file
+
+    adapter = get_adapter_class(name)
+    adapter.check_pretrained(pretrained)
+    for split in ("train", "test"):
+        adapter.check_prompts(load_prompts(prompt_spec, split), resolve_prompt_file(prompt_spec, split))

@@ -8,9 +8,9 @@ no algorithm file changes.
 """
 
 from contextlib import contextmanager
-import torch
+from pathlib import Path
 
-from common.sde import make_sigmas
+import torch
 
 
 class PromptEmbeds:
@@ -82,6 +82,59 @@ class PromptEmbeds:
         return self._map(move)
 
 
+def check_checkpoint(pretrained, required_file="model_index.json", timeout_s=3.0):
+    """Raise FileNotFoundError, one line naming the checkpoint and how to pass a local directory,
+    unless `pretrained` is a local directory with `required_file`, or a hub id whose
+    `required_file` is in the local Hugging Face cache, or (hub not offline) a hub id the hub
+    serves within `timeout_s`. Without it a run starts accelerate, then dies in `from_pretrained`
+    with a traceback (or hangs on an unreachable hub)."""
+    import threading
+
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    local = "pass a local copy with --pretrained /path/to/dir"
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        if not (path / required_file).is_file():
+            raise FileNotFoundError(f"--pretrained {pretrained}: no {required_file} in that directory "
+                                    "(expected a diffusers pipeline saved with save_pretrained)")
+        return
+    if pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1:  # a path, not an org/name hub id
+        raise FileNotFoundError(f"--pretrained {pretrained}: no such directory (pass a pipeline directory or a "
+                                "hub id org/name)")
+    if isinstance(try_to_load_from_cache(pretrained, required_file), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"checkpoint {pretrained} is not in the local Hugging Face cache and the hub is "
+                                f"offline (HF_HUB_OFFLINE=1): download it (`hf download {pretrained}`) or {local}")
+    outcome = []  # in a thread: a DNS lookup on a machine without network can outlast any HTTP timeout
+
+    def ask_hub():
+        try:
+            get_hf_file_metadata(hf_hub_url(pretrained, required_file), timeout=timeout_s)
+            outcome.append(None)
+        except Exception as error:  # noqa: BLE001 - every failure becomes the one-line message below
+            outcome.append(error)
+
+    thread = threading.Thread(target=ask_hub, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    error = outcome[0] if outcome else TimeoutError(f"no answer within {timeout_s:g} s")
+    if isinstance(error, GatedRepoError):
+        raise FileNotFoundError(f"checkpoint {pretrained} is gated on the hub: accept its licence at "
+                                f"https://huggingface.co/{pretrained} and log in (`hf auth login`), or {local}")
+    if isinstance(error, RepositoryNotFoundError):
+        raise FileNotFoundError(f"checkpoint {pretrained}: no such model on the hub (or it is private); {local}")
+    if isinstance(error, EntryNotFoundError):
+        raise FileNotFoundError(f"checkpoint {pretrained}: the hub repository has no {required_file} (not a diffusers "
+                                f"pipeline); {local}")
+    if error is not None:
+        reason = (str(error).splitlines() or [""])[0]
+        raise FileNotFoundError(f"checkpoint {pretrained} is not in the local Hugging Face cache and the hub cannot "
+                                f"be reached ({type(error).__name__}: {reason}): {local}")
+
+
 class ModelAdapter:
     """Base class; subclasses fill in loading, encoding, the transformer call and decoding."""
 
@@ -90,6 +143,11 @@ class ModelAdapter:
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     lora_rank, lora_alpha = 32, 64
     default_resolution = 512
+    # what `--pretrained` defaults to: the published checkpoint (a hub id) or the committed weights
+    default_pretrained = None
+    # images per evaluation forward; outputs can move by ~1e-6 with the batch composition, so it
+    # is fixed per model (the toy card and every in-loop evaluation used 64)
+    eval_batch_size = 64
 
     transformer: torch.nn.Module
     scheduler_config: dict
@@ -142,7 +200,8 @@ class ModelAdapter:
 
     @classmethod
     def check_pretrained(cls, pretrained):
-        """Raise (one line, what to pass) when `pretrained` cannot be loaded; called by `validate`."""
+        """Raise (one line, what to pass) when `pretrained` (None: `default_pretrained`) cannot be
+        loaded; called by `validate`. Hub models: `check_checkpoint`."""
 
     def encode_prompts(self, prompts) -> PromptEmbeds:
         raise NotImplementedError
@@ -157,9 +216,15 @@ class ModelAdapter:
         """The raw model call: velocity for latents (B, ...) at sigma (B,)."""
         raise NotImplementedError
 
-    def predict_velocity(self, latents, sigma, embeds: PromptEmbeds, negative: PromptEmbeds = None, guidance=1.0):
+    def predict_velocity(self, latents, sigma, embeds: PromptEmbeds, negative: PromptEmbeds = None, guidance=1.0,
+                         detach_uncond=False):
         """Velocity in fp32. With guidance > 1 and a negative, CFG as one batched forward of
-        [uncond; cond] (as the published code and diffusers' pipeline do): v_u + w·(v_c - v_u)."""
+        [uncond; cond] (as the published code and diffusers' pipeline do): v_u + w·(v_c - v_u).
+
+        `detach_uncond`: stop the gradient through v_u, so the velocity's gradient is w·∇v_c, as the
+        published flow_grpo `compute_log_prob` trains (since 2025-07-15); the value is bitwise the
+        same. Only training losses ask for it: it would also cut v_u out of ∂v/∂x (the gmm world's
+        exact log-likelihood takes that Jacobian by autograd)."""
         latents = latents.to(self.dtype)
         sigma = sigma.to(latents.device).float().expand(latents.shape[0])
         if guidance > 1 and negative is not None:
@@ -168,7 +233,7 @@ class ModelAdapter:
             both = self.transformer_forward(torch.cat([latents, latents]), torch.cat([sigma, sigma]),
                                             PromptEmbeds.cat([negative, embeds]))
             uncond, cond = both.float().chunk(2)
-            return self.combine_guidance(uncond, cond, guidance)
+            return self.combine_guidance(uncond.detach() if detach_uncond else uncond, cond, guidance)
         return self.transformer_forward(latents, sigma, embeds).float()
 
     def combine_guidance(self, uncond, cond, guidance):
@@ -196,7 +261,7 @@ class ModelAdapter:
         `sde` = the run's rollout sampler (sampler, noise_level, num_steps, guidance)."""
         return {}
 
-    def report(self, output_dir, history, reward_fn, prompts, *, seed, num_steps, guidance):
+    def report(self, output_dir, history, reward_fn, prompts, *, seed, num_steps, guidance, images_per_category):
         """Extra end-of-run figures from the run's metric history (the gmm world: the frontier)."""
 
     def image_seq_len(self, resolution=None):
@@ -204,4 +269,8 @@ class ModelAdapter:
         return None
 
     def make_sigmas(self, num_steps, resolution=None):
+        # imported here: common.sde pulls in diffusers and scipy (~3 s), which `validate` (adapter
+        # classes only) must not wait for
+        from common.sde import make_sigmas
+
         return make_sigmas(self.scheduler_config, num_steps, self.image_seq_len(resolution))

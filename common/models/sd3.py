@@ -8,9 +8,8 @@ VAE's scaling and shift factors. The transformer takes 1000·sigma as its timest
 """
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 
-from common.models.base import ModelAdapter, PromptEmbeds
+from common.models.base import ModelAdapter, PromptEmbeds, check_checkpoint
 
 
 def sd3_transformer_call(module, latents, sigma, embeds: PromptEmbeds):
@@ -25,8 +24,9 @@ class SD3Adapter(ModelAdapter):
     lora_rank, lora_alpha = 32, 64
     default_resolution = 512
     max_sequence_length = 128  # T5 tokens, as the published Flow-GRPO recipes train with
+    default_pretrained = "stabilityai/stable-diffusion-3.5-medium"  # the published recipes' base (gated on the hub)
 
-    def __init__(self, pipeline: StableDiffusion3Pipeline, device="cpu", dtype=torch.float32):
+    def __init__(self, pipeline, device="cpu", dtype=torch.float32):
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
@@ -35,10 +35,14 @@ class SD3Adapter(ModelAdapter):
         self._negative = None
 
     @classmethod
+    def check_pretrained(cls, pretrained):
+        check_checkpoint(pretrained or cls.default_pretrained, "model_index.json")
+
+    @classmethod
     def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
-        if pretrained is None:
-            raise ValueError("--pretrained is required for sd3 (a hub id such as "
-                             "stabilityai/stable-diffusion-3.5-medium, or a local pipeline directory)")
+        pretrained = pretrained or cls.default_pretrained
+        from diffusers import StableDiffusion3Pipeline  # here, not at import: the toy adapter imports this module
+
         pipeline = StableDiffusion3Pipeline.from_pretrained(pretrained, dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         # text encoders and transformer in the training dtype; the VAE decodes in fp32

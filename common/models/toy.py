@@ -9,12 +9,13 @@ Same interface and the same `SD3Transformer2DModel` class as the sd3 adapter, bu
 from pathlib import Path
 
 import torch
-from diffusers import SD3Transformer2DModel
 
 from common.models.base import ModelAdapter, PromptEmbeds
 from common.models.sd3 import sd3_transformer_call
-from common.toy.model import SCHEDULER_CONFIG, ToyTextEncoder, WordTokenizer, latents_to_images
 from common.toy.world import IMAGE_SIZE
+
+# diffusers and the toy networks are imported inside the methods: `validate` imports this module to
+# check prompts, and importing diffusers takes seconds
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "toy" / "weights"
 
@@ -23,8 +24,11 @@ class ToyAdapter(ModelAdapter):
     name = "toy"
     lora_rank, lora_alpha = 16, 32
     default_resolution = IMAGE_SIZE
+    default_pretrained = str(WEIGHTS_DIR)  # committed (the card in that directory)
 
     def __init__(self, transformer, text_encoder, device="cpu", dtype=torch.float32):
+        from common.toy.model import SCHEDULER_CONFIG, WordTokenizer
+
         self.transformer, self.text_encoder = transformer, text_encoder
         self.tokenizer = WordTokenizer()
         self.scheduler_config = dict(SCHEDULER_CONFIG)
@@ -42,11 +46,20 @@ class ToyAdapter(ModelAdapter):
                                  f"(prompt {prompt.text!r})")
 
     @classmethod
-    def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
-        directory = Path(pretrained) if pretrained else WEIGHTS_DIR
+    def check_pretrained(cls, pretrained):
+        directory = Path(pretrained or cls.default_pretrained)
         if not (directory / "transformer").is_dir():
-            raise FileNotFoundError(f"no toy model in {directory} (expected transformer/ and text_encoder/; "
-                                    "create one with `python -m common.toy.pretrain`)")
+            raise FileNotFoundError(f"--pretrained {directory}: no toy model there (expected transformer/ and "
+                                    "text_encoder/; create one with `python -m common.toy.pretrain`)")
+
+    @classmethod
+    def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
+        cls.check_pretrained(pretrained)
+        directory = Path(pretrained or cls.default_pretrained)
+        from diffusers import SD3Transformer2DModel
+
+        from common.toy.model import ToyTextEncoder
+
         transformer = SD3Transformer2DModel.from_pretrained(directory / "transformer", dtype=dtype).to(device).eval()
         text_encoder = ToyTextEncoder.from_pretrained(directory / "text_encoder").to(device).requires_grad_(False)
         return cls(transformer, text_encoder, device, dtype)
@@ -60,6 +73,8 @@ class ToyAdapter(ModelAdapter):
         return sd3_transformer_call(self.forward_module, latents, sigma, embeds)
 
     def decode(self, latents):
+        from common.toy.model import latents_to_images
+
         return latents_to_images(latents)
 
     def latent_shape(self, batch, resolution=None):
