@@ -419,6 +419,7 @@ def main(args: Args):
 
     from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, rng_states,
                                    save_checkpoint, set_rng_states, trainable_state)
+    from common.checkpoint import weights_agree
     from common.ema import EMA
     from common.evaluate import evaluate
     from common.models import load_adapter
@@ -557,6 +558,7 @@ def main(args: Args):
         all_x0 = accelerator.gather(torch.cat(finals).contiguous()).cpu()
         views = gather_object([drawn]) if world > 1 else [drawn]
         metrics["dist/num_processes"] = world
+        metrics["dist/weights_agree"] = weights_agree(accelerator, params)  # after the last update
         metrics["dist/ranks_agree"] = float(all(view == views[0] for view in views))
         metrics["dist/complete_groups"] = float(all(c % args.group_size == 0 for c in np.unique(all_ids, return_counts=True)[1]))
         pad_rng = np.random.default_rng([args.seed, epoch])  # same on every rank

@@ -480,6 +480,7 @@ def main(args: Args):
 
     from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, rng_states,
                                    save_checkpoint, set_rng_states, trainable_state)
+    from common.checkpoint import weights_agree
     from common.ema import EMA
     from common.evaluate import evaluate
     from common.lora_merge import attach_lora, load_lora_adapter, merge_loras, read_lora
@@ -700,6 +701,7 @@ def main(args: Args):
                                 dtype=torch.float32)
         views = gather_object([drawn]) if world > 1 else [drawn]
         metrics["dist/num_processes"] = world
+        metrics["dist/weights_agree"] = weights_agree(accelerator, params)  # after the last update
         metrics["dist/ranks_agree"] = float(all(view == views[0] for view in views))
 
         flat = {"embeds": PromptEmbeds.cat([s["embeds"].to("cpu") for s in samples]),

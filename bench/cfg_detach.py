@@ -60,7 +60,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--out", default="/tmp/cfg_runs")
+    parser.add_argument("--out", default="runs/cfg_detach")
     cli = parser.parse_args()
     import flow_grpo
 

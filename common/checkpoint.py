@@ -38,6 +38,21 @@ def trainable_state(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def weights_agree(accelerator, params):
+    """1.0 when every rank holds the same trainable weights, else 0.0 (logged as
+    `dist/weights_agree`): a fingerprint of the weights in fp64 (their sum, sum of squares and a
+    position-weighted sum), gathered and compared exactly. Ranks that stop synchronising (a model
+    never wrapped for DDP, a rank that skips a step) show up at the next epoch, not as a silently
+    worse curve."""
+    if accelerator.num_processes == 1:
+        return 1.0
+    flat = torch.cat([p.detach().double().flatten().cpu() for p in params])
+    positions = torch.arange(len(flat), dtype=torch.float64).mul_(0.618).sin_()
+    fingerprint = torch.stack([flat.sum(), (flat * flat).sum(), (flat * positions).sum()])
+    gathered = accelerator.gather(fingerprint[None].to(accelerator.device)).cpu()
+    return float(bool((gathered == gathered[0]).all()))
+
+
 def rng_states():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 

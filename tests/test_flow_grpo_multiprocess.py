@@ -28,6 +28,7 @@ def test_two_processes_run_an_epoch_with_complete_groups(tmp_path):
         assert record["dist/num_processes"] == 2       # two ranks really ran
         assert record["dist/ranks_agree"] == 1.0       # both drew the same global prompt list
         assert record["dist/complete_groups"] == 1.0   # every group complete after the gather
+        assert record["dist/weights_agree"] == 1.0     # both ranks hold the same weights after each update
         assert record["train/ratio_dev_max"] < 1e-4
     assert (out / "final" / "diffusers" / "pytorch_lora_weights.safetensors").exists()
     # the recipe is printed once (main process) and counts both processes

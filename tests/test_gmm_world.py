@@ -137,3 +137,18 @@ def test_out_of_vocabulary_prompts_fail_before_any_model_loads(tmp_path, model, 
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and word in last and str(prompts) in last, result.stderr[-500:]
     assert "Traceback" not in result.stderr
+
+
+def test_forward_and_inverted_log_likelihoods_agree_on_the_gmm_base():
+    """The policy's KL uses the forward pass (log-dets along its own path), the base's the Newton
+    inversion: on the same points the two give the same log-density."""
+    from common.gmm.frontier import ode_sample_log_likelihood
+    from common.rollout import initial_latents
+
+    adapter = load_adapter("gmm")
+    embeds = adapter.encode_prompts(["north", "the east half", "any mode", "east or west"] * 16)
+    noise = initial_latents(adapter.latent_shape(64), range(64))
+    points, forward = ode_sample_log_likelihood(adapter, embeds, noise, num_steps=20)
+    inverted, residual = ode_log_likelihood(adapter, embeds, points, num_steps=20)
+    assert residual < 1e-5
+    assert torch.allclose(forward, inverted, atol=1e-3), (forward - inverted).abs().max()

@@ -121,9 +121,13 @@ class GMMAdapter(ModelAdapter):
         embeds = self.encode_prompts([p.text for p in prompts])
         if self.dim == 2:
             # on an evenly spaced subset of at most KL_SAMPLES (the eval list is grouped by category)
+            # (common.evaluate draws image i from the noise of seed + i)
+            from common.rollout import initial_latents
+
             keep = torch.linspace(0, len(samples) - 1, min(len(samples), self.KL_SAMPLES)).round().long()
+            noise = initial_latents(self.latent_shape(len(keep)), [seed + int(i) for i in keep])
             metrics["eval/kl_marginal"] = marginal_kl(self, embeds[keep], samples[keep].to(self.device), num_steps,
-                                                      guidance, negative)
+                                                      guidance, negative, noise=noise)
         if sde is not None:
             metrics["eval/kl_path"] = path_kl(self, embeds, seed=seed, negative=negative, **sde)
         return metrics
