@@ -428,7 +428,10 @@ def main(args: Args):
             else:
                 seeds = [derive_seed(args.seed, epoch, i, rank * args.batch_size + k) for k in range(len(batch))]
             latents = initial_latents(adapter.latent_shape(len(batch), args.resolution), seeds)
-            noise = torch.Generator().manual_seed(derive_seed(args.seed, epoch, i, rank, "sde"))
+            # one SDE noise stream per sample, keyed by its global index like its x_T: the same seed
+            # draws the same trajectories on 1 or N processes (a 2-process run equals a 1-process one)
+            noise = [torch.Generator().manual_seed(derive_seed(args.seed, epoch, i, rank * args.batch_size + k, "sde"))
+                     for k in range(len(batch))]
             rollout_start = time.time()
             with accelerator.autocast():
                 trajectory = rollout(adapter, embeds, sigmas, latents, negative=negative, guidance=args.guidance,
