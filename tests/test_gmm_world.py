@@ -106,7 +106,9 @@ def test_lora_and_full_fine_tuning_run_export_and_log_the_kl_keys(tmp_path):
         records = read_metrics(Path(out) / "metrics.jsonl")
         final = records[-1]
         assert final["eval/kl_marginal"] > 0 and final["eval/kl_path"] > 0, final
-        assert records[0]["eval/kl_marginal"] == pytest.approx(0.0, abs=1e-6)  # the base against itself
+        # the base against itself: the policy's log-density by the forward pass, the base's by the Newton
+        # inversion (residual < 1e-5 per step), so they agree to that precision, not bitwise (4e-6 seen)
+        assert records[0]["eval/kl_marginal"] == pytest.approx(0.0, abs=1e-4)
         assert (Path(out) / "frontier.png").is_file() and (Path(out) / "grids" / "eval_epoch0000.png").is_file()
         frontier = json.loads((Path(out) / "frontier.json").read_text())
         assert frontier["frontier_reward"][0] > frontier["frontier_reward"][-1]  # small beta: more reward
