@@ -8,7 +8,7 @@ every evaluation (the KL to the base) and `report` plots a run against the optim
 (common/gmm/frontier.py).
 
 `--pretrained`: a directory written by `python -m common.gmm.pretrain`, or the name of a
-committed base (`d2`, the default; `d16`, `d64`, `d256`: the same world with nuisance dims).
+committed base (`d2`, the default; `d16`, `d64`: the same world with nuisance dims).
 """
 
 import copy
@@ -25,8 +25,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "gmm" / "weights"
 
 
 def resolve_weights(pretrained):
-    if pretrained is None:
-        return WEIGHTS_DIR / "d2"
+    """A committed base's name (default: the adapter's) or a directory -> the directory."""
+    pretrained = pretrained or GMMAdapter.default_pretrained
     if (WEIGHTS_DIR / pretrained / "config.json").is_file():
         return WEIGHTS_DIR / pretrained
     return Path(pretrained)
@@ -36,7 +36,7 @@ class GMMAdapter(ModelAdapter):
     name = "gmm"
     lora_rank, lora_alpha = 8, 16
     default_resolution = None
-    default_pretrained = "d2"  # committed in common/gmm/weights (d16, d64, d256: with nuisance dims)
+    default_pretrained = "d2"  # committed in common/gmm/weights (d16, d64: with nuisance dims)
     eval_batch_size = 4096  # points are cheap: one forward per step for a whole evaluation
     KL_SAMPLES = 1024  # points per exact marginal-KL estimate (its Monte Carlo SE at KL ~1: ~0.03)
 
@@ -78,7 +78,7 @@ class GMMAdapter(ModelAdapter):
     def check_pretrained(cls, pretrained):
         directory = resolve_weights(pretrained)
         if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"--pretrained {pretrained}: no gmm base there (a committed name d2/d16/d64/d256 "
+            raise FileNotFoundError(f"--pretrained {pretrained}: no gmm base there (a committed name d2/d16/d64 "
                                     "or a directory from `python -m common.gmm.pretrain`)")
 
     @classmethod
