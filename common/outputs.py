@@ -138,7 +138,11 @@ def _plain(value):
 
 
 def read_metrics(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl; [] when a run logged nothing (e.g. no epochs and no evaluation)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def save_grid(path, images, captions, columns=8, scale=4):

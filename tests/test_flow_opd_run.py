@@ -72,6 +72,19 @@ def test_smoke_merge_init_student_moves_and_exports(tmp_path, teachers, objectiv
     assert (out / "final" / "diffusers" / "pytorch_lora_weights.safetensors").exists()
 
 
+def test_zero_epochs_exports_the_merge_cold_start(tmp_path, teachers):
+    """`--num-epochs 0 --eval-every 0`: no metrics at all, and the export is the merge itself
+    (the cold start alone, a baseline of the Flow-OPD table)."""
+    from common.lora_merge import lora_deltas, merge_loras, read_lora
+
+    records, out = run(tmp_path, teachers, "--init", "delta_average", "--num-epochs", "0")
+    assert records == []
+    start = lora_deltas(*merge_loras(list(teachers.values()), "delta_average"))
+    final = lora_deltas(*read_lora(out / "final" / "peft"))
+    assert set(final) == set(start)
+    assert max((final[m] - start[m]).abs().max().item() for m in start) <= 1e-6
+
+
 def test_multi_teacher_alternate_schedule_routes_each_epoch(tmp_path, teachers):
     records, _ = run(tmp_path, teachers, "--routing", "alternate", "--epochs-per-cycle", "counting=1",
                      "position=2", "--num-epochs", "4", "--objective", "gkd", "--init", "base",
