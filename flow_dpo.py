@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from common.cli import parse_with_presets
 from common.data import GroupSampler, category_weights, load_prompts
-from common.models import check_model_inputs
+from common.models import SAMPLING, check_model_inputs, model_recipe
 from common.rewards import parse_reward_spec
 
 
@@ -88,7 +88,8 @@ class Args:
 
     # ---- model
     model: str = "toy"
-    """model adapter: toy, gmm (both offline) or sd3; without --preset, also its preset (sd3: sd3_online_dpo)"""
+    """model adapter: toy, gmm (both offline), sd3, flux, flux_kontext, qwen_image, qwen_image_edit or wan;
+    without --preset, also its preset (MODEL_PRESETS)"""
     pretrained: Optional[str] = None
     """hub id or local directory (default: the model's checkpoint, listed above the options)"""
     resolution: Optional[int] = None
@@ -101,6 +102,11 @@ class Args:
     """LoRA rank (default: the model's published one)"""
     lora_alpha: Optional[int] = None
     """LoRA alpha (default: the model's published one)"""
+    fsdp: bool = False
+    """shard the transformer over the processes with PyTorch FSDP2 (each keeps 1/N of every block's
+    weights, gradients and optimizer state) instead of replicating it with DDP; CUDA or CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in the backward pass (less memory, ~30 % more compute)"""
 
     # ---- sampling (by the ref policy)
     prompts: str = "toy"
@@ -111,8 +117,8 @@ class Args:
     """denoising steps for the ref's rollouts"""
     guidance: float = 4.0
     """CFG scale in rollouts (1 = no CFG); training never uses CFG"""
-    sampler: Literal["flow", "cps", "dance"] = "flow"
-    """SDE type of the rollouts (when noise_level > 0)"""
+    sampler: Literal["flow", "cps", "dance", "wan"] = "flow"
+    """SDE type of the rollouts (when noise_level > 0): flow, cps, dance or wan"""
     noise_level: float = 0.0
     """a (eta): rollout SDE noise; 0 = Euler ODE. Published: flow SDE 0.7; the toy default is the ODE
     because SDE noise costs this pixel-space model half its accuracy (TOY_FEASIBILITY.md) and only
@@ -209,11 +215,17 @@ PRESETS = {
     "sd3_sft": Args(**_SD3, algorithm="sft", timestep_samples=1, ref_update_every=None),
     "sd3_online_sft": Args(**_SD3, algorithm="sft", timestep_samples=1, ref_update_every=40),
 }
+# no DPO / SFT recipe was published for the other model families: OnlineDPO as sd3's, with each model's
+# sampling (every rollout step but the last a DPO timestep, as for sd3)
+PRESETS.update({f"{m}_online_dpo": Args(**model_recipe(m, _SD3, algorithm="dpo", ref_update_every=40,
+                                                       timestep_samples=SAMPLING[m]["num_steps"] - 1))
+                for m in ("flux", "flux_kontext", "qwen_image", "qwen_image_edit", "wan")})
 
 
 # `--model NAME` without `--preset`: that model's OnlineDPO preset here, as the toy default is
 # (sd3: the published online `dpo` recipe; --preset sd3_dpo / sd3_sft / sd3_online_sft for the others)
-MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3_online_dpo"}
+MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3_online_dpo", **{m: f"{m}_online_dpo" for m in (
+    "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "wan")}}
 
 
 def parse_args(argv=None):
@@ -234,6 +246,9 @@ def validate(args: Args, num_processes: int = 1):
     if args.batches_per_epoch % args.updates_per_epoch:
         raise ValueError(f"--updates-per-epoch {args.updates_per_epoch} must divide --batches-per-epoch "
                          f"{args.batches_per_epoch}")
+    if args.fsdp and args.export_merged:
+        raise ValueError("--export-merged needs the whole transformer on one process: drop it under --fsdp and merge "
+                         "the exported LoRA afterwards (python -m common.lora_merge)")
     if args.num_steps < 1:
         raise ValueError("--num-steps must be at least 1")
     if args.noise_level < 0:
@@ -338,10 +353,10 @@ class RefPolicy:
     (no second model in memory); when fully fine-tuning, a frozen copy of the transformer.
     `refresh()` copies the learner's live weights into it exactly."""
 
-    def __init__(self, adapter, forward_module, use_lora, lora_args=None):
+    def __init__(self, adapter, use_lora, lora_args=None):
         from common.checkpoint import add_lora
 
-        self.adapter, self.forward_module, self.use_lora = adapter, forward_module, use_lora
+        self.adapter, self.use_lora = adapter, use_lora
         transformer = adapter.transformer
         if use_lora:
             with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
@@ -385,20 +400,24 @@ class RefPolicy:
             finally:  # also restores requires_grad: learner trainable, ref frozen
                 self.adapter.transformer.set_adapter("default")
             return
+        saved = self.adapter.forward_module
         self.adapter.wrap(self.copy)
         try:
             yield
         finally:
-            self.adapter.wrap(self.forward_module)
+            self.adapter.wrap(saved)
 
     def state_dict(self):
-        """The ref's weights keyed by the learner parameter they mirror (as in `trainable_state`)."""
-        return {name: ref.detach().clone() for name, ref, _ in self._pairs()}
+        """The ref's weights keyed by the learner parameter they mirror (as in `trainable_state`), full
+        tensors (gathered from the shards under --fsdp: every rank calls it)."""
+        from common.distributed import full_state
 
-    @torch.no_grad()
+        return full_state({name: ref for name, ref, _ in self._pairs()})
+
     def load_state_dict(self, state):
-        for name, ref, _ in self._pairs():
-            ref.copy_(state[name])
+        from common.distributed import load_full_state
+
+        load_full_state({name: ref for name, ref, _ in self._pairs()}, state)
 
 
 # ------------------------------------------------------------------------------- main loop
@@ -417,9 +436,10 @@ def main(args: Args):
 
     from tqdm.auto import tqdm
 
-    from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, rng_states,
-                                   save_checkpoint, set_rng_states, trainable_state)
-    from common.checkpoint import weights_agree
+    from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, restore_training_state,
+                                   rng_states, save_checkpoint, save_transformer, set_rng_states, training_state,
+                                   weights_agree)
+    from common.distributed import shard
     from common.ema import EMA
     from common.evaluate import evaluate
     from common.models import load_adapter
@@ -438,9 +458,12 @@ def main(args: Args):
 
     # --- model, LoRA, optimizer
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    adapter = load_adapter(args.model, args.pretrained, device=accelerator.device, dtype=weight_dtype)
+    adapter = load_adapter(args.model, args.pretrained, device=accelerator.device, dtype=weight_dtype,
+                           resolution=args.resolution)
     transformer = adapter.transformer
     transformer.requires_grad_(False)
+    if args.gradient_checkpointing:
+        adapter.enable_gradient_checkpointing()
     lora_args = (args.lora_rank or adapter.lora_rank, args.lora_alpha or adapter.lora_alpha,
                  adapter.lora_target_modules)
     if args.use_lora:
@@ -452,12 +475,20 @@ def main(args: Args):
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:  # trainable weights in fp32 under autocast
         p.data = p.data.float()
+    ref = RefPolicy(adapter, args.use_lora, lora_args)  # starts equal to the learner (the base)
+    if args.fsdp:  # FSDP2: every block sharded over the processes (common/distributed.py); its weights are now DTensors
+        for module in (transformer, adapter.frozen_base, getattr(ref, "copy", None)):
+            if module is not None:
+                shard(module, param_dtype=weight_dtype)
+        params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   eps=1e-8)
     accelerator.gradient_accumulation_steps = args.grad_accumulation
-    wrapped, optimizer = accelerator.prepare(transformer, optimizer)
+    if args.fsdp:  # FSDP reduce-scatters the gradients itself: accelerate wraps only the optimizer
+        wrapped, optimizer = transformer, accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = accelerator.prepare(transformer, optimizer)
     adapter.wrap(wrapped)
-    ref = RefPolicy(adapter, wrapped, args.use_lora, lora_args)  # starts equal to the learner (the base)
     ema = EMA(params, update_every=args.ema_every) if args.ema else None
 
     # --- data, reward
@@ -474,14 +505,8 @@ def main(args: Args):
     resume_dir = resolve_resume(args.resume, output_dir)
     if resume_dir is not None:
         state = load_checkpoint(resume_dir)
-        named = dict(transformer.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
+        restore_training_state(transformer, optimizer, ema, state)
         ref.load_state_dict(state["ref"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
         set_rng_states(state["rng"])
         start_epoch, optimizer_step, refreshes = state["epoch"], state["optimizer_step"], state["refreshes"]
         accelerator.print(f"resumed from {resume_dir} at epoch {start_epoch}")
@@ -531,7 +556,7 @@ def main(args: Args):
             indices = group_sampler.indices()
             drawn.append(group_sampler.global_indices())
             batch = [train_prompts[j] for j in indices]
-            embeds = adapter.encode_prompts([p.text for p in batch])
+            embeds = adapter.encode_prompts(batch)
             if args.same_latent:  # every copy of a prompt, on any rank, starts from the same x_T
                 seeds = [derive_seed(args.seed, epoch, i, j) for j in indices]
             else:
@@ -585,7 +610,7 @@ def main(args: Args):
             chosen = best[rank * share:(rank + 1) * share, None]  # (P, 1)
         metrics["train/samples"] = int(chosen.size)
         x0 = all_x0[torch.from_numpy(chosen)].to(accelerator.device)  # (P, 1 or 2, ...)
-        train_embeds = adapter.encode_prompts([train_prompts[j].text for j in all_ids[chosen].reshape(-1)])
+        train_embeds = adapter.encode_prompts([train_prompts[j] for j in all_ids[chosen].reshape(-1)])
         embed_rows = torch.arange(chosen.size).view(chosen.shape)  # train_embeds row of each chosen sample
 
         # --- training (no CFG): one accelerate micro-step per (micro-batch, noise draw)
@@ -611,6 +636,9 @@ def main(args: Args):
                     eps, s = draw_noise(len(x_rows), generator)
                 x_noisy, target = noisy_inputs(x_rows, eps, s)
                 with accelerator.accumulate(wrapped):
+                    if args.fsdp:  # LoRA: accumulate locally, reduce once per update as DDP does (bitwise equal);
+                        # full weights: reduce-scatter every micro-step (unsharded gradients would not fit)
+                        wrapped.set_requires_gradient_sync(accelerator.sync_gradients or not args.use_lora)
                     with accelerator.autocast():
                         velocity = adapter.predict_velocity(x_noisy, s, embeds)
                     if args.algorithm == "dpo":
@@ -691,11 +719,11 @@ def main(args: Args):
                                                 "perf/epoch"))
                                and k.count("/") < 2})
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
+            # on every rank: gathered from the shards under --fsdp
+            state = {**training_state(transformer, optimizer, ema), "ref": ref.state_dict()}
             if main_process:
                 save_checkpoint(output_dir, epoch + 1, {
-                    "epoch": epoch + 1, "optimizer_step": optimizer_step, "refreshes": refreshes,
-                    "trainable": trainable_state(transformer), "ref": ref.state_dict(),
-                    "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                    "epoch": epoch + 1, "optimizer_step": optimizer_step, "refreshes": refreshes, **state,
                     "rng": rng_states(), "args": dataclasses.asdict(args)}, keep_last=args.keep_checkpoints)
             accelerator.wait_for_everyone()
         if args.max_minutes is not None and (time.time() - start_time) / 60 > args.max_minutes:
@@ -718,15 +746,16 @@ def main(args: Args):
         if evals and "eval/accuracy" in evals[0]:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
-        if args.eval_every > 0:  # the model's own end-of-run figures (the gmm world: the optimal frontier)
+        if args.eval_every > 0 and not args.fsdp:  # the model's own end-of-run figures (gmm: the optimal
+            # frontier); they run forwards on this process alone, which sharded weights cannot
             adapter.report(output_dir, history, reward_fn, test_prompts, seed=args.seed, num_steps=args.eval_num_steps,
                            guidance=args.eval_guidance, images_per_category=args.eval_images_per_category)
-        context = ema.swapped() if ema is not None else nullcontext()
-        with context:
-            if args.use_lora:
-                export_lora(transformer, output_dir / "final", merged=args.export_merged)
-            else:  # full fine-tuning: the whole transformer, loadable with from_pretrained
-                transformer.save_pretrained(output_dir / "final" / "transformer")
+    context = ema.swapped() if ema is not None else nullcontext()
+    with context:  # every rank: under --fsdp the weights are gathered from the shards, the main process writes
+        if args.use_lora:
+            export_lora(transformer, output_dir / "final", merged=args.export_merged, write=main_process)
+        else:  # full fine-tuning: the whole transformer, loadable with from_pretrained
+            save_transformer(transformer, output_dir / "final" / "transformer", write=main_process)
     accelerator.end_training()
     return output_dir
 

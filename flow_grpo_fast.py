@@ -54,7 +54,7 @@ import torch
 
 from common.cli import parse_with_presets
 from common.data import GroupSampler, category_weights, load_prompts
-from common.models import check_model_inputs
+from common.models import check_model_inputs, model_recipe
 from common.rewards import parse_reward_spec
 
 
@@ -92,7 +92,8 @@ class Args:
 
     # ---- model
     model: str = "toy"
-    """model adapter: toy, gmm (both offline) or sd3; without --preset, also its preset (sd3: sd3)"""
+    """model adapter: toy, gmm (both offline), sd3, flux, flux_kontext, qwen_image, qwen_image_edit or wan;
+    without --preset, also its preset (MODEL_PRESETS)"""
     pretrained: Optional[str] = None
     """hub id or local directory (default: the model's checkpoint, listed above the options)"""
     resolution: Optional[int] = None
@@ -105,6 +106,11 @@ class Args:
     """LoRA rank (default: the model's published one)"""
     lora_alpha: Optional[int] = None
     """LoRA alpha (default: the model's published one)"""
+    fsdp: bool = False
+    """shard the transformer over the processes with PyTorch FSDP2 (each keeps 1/N of every block's
+    weights, gradients and optimizer state) instead of replicating it with DDP; CUDA or CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in the backward pass (less memory, ~30 % more compute)"""
 
     # ---- sampling
     prompts: str = "toy"
@@ -115,8 +121,9 @@ class Args:
     """denoising steps for training rollouts"""
     guidance: float = 4.0
     """CFG scale in rollouts (1 = no CFG)"""
-    sampler: Literal["flow", "cps", "dance"] = "cps"
-    """SDE type: flow (Flow-GRPO Eq. 9), cps (coefficients-preserving), dance (DanceGRPO)"""
+    sampler: Literal["flow", "cps", "dance", "wan"] = "cps"
+    """SDE type: flow (Flow-GRPO Eq. 9), cps (coefficients-preserving), dance (DanceGRPO), wan (flow_grpo's
+    Wan2.1 SDE: g = a·(sigma_min + (sigma_max - sigma_min)·sigma))"""
     noise_level: float = 0.5
     """a (eta): the SDE noise knob inside the window; 0 = ODE"""
     sde_window_size: int = 2
@@ -194,6 +201,11 @@ class Args:
 # rollouts or training (guidance 1; RL then distils CFG away, so eval also runs without it),
 # CPS a = 0.8, W = 3 in (0, 5), clip 1e-5 (larger clip ranges were reported to crash), beta 0.
 # Pass your --prompts and --reward.
+_SD3 = dict(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, guidance=1.0, sampler="cps",
+            noise_level=0.8, sde_window_size=3, sde_window_range=(0, 5), batch_size=9, group_size=24,
+            batches_per_epoch=4, updates_per_epoch=2, eval_num_steps=40, eval_guidance=1.0, learning_rate=3e-4,
+            clip_range=1e-5, beta=0.0, global_std=True, ema=True, balance_categories=False, shuffle=False,
+            eval_every=60, save_every=60, grid_every=60, num_epochs=100000, max_minutes=None)
 # The toy default is branch mode at lr 3e-4, the only Fast setting that did not lose accuracy on
 # the toy test split (64 images per category, base 0.198): branch lr 3e-4 0.232 / 0.224 at epochs
 # 20 / 40; window lr 1e-3 collapsed to 0.078 by epoch 20 (large blobs, broken shapes). Branch
@@ -209,16 +221,33 @@ PRESETS = {
                 noise_level=0.8, sde_window_size=3, sde_window_range=(0, 5), batch_size=256, group_size=16,
                 batches_per_epoch=1, updates_per_epoch=1, learning_rate=1e-3),
     "toy": Args(branch_mode="branch", learning_rate=3e-4),
-    "sd3": Args(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, guidance=1.0, sampler="cps",
-                noise_level=0.8, sde_window_size=3, sde_window_range=(0, 5), batch_size=9, group_size=24,
-                batches_per_epoch=4, updates_per_epoch=2, eval_num_steps=40, eval_guidance=1.0, learning_rate=3e-4,
-                clip_range=1e-5, beta=0.0, global_std=True, ema=True, balance_categories=False, shuffle=False,
-                eval_every=60, save_every=60, grid_every=60, num_epochs=100000, max_minutes=None),
+    "sd3": Args(**_SD3),
+    # the published recipes of the other model families (ALGORITHMS.md §15.1): FLUX `pickscore_flux_fast`
+    # and `geneval_flux_fast` (W = 3 in (0, 3): always steps 0-2; 2 updates per epoch; no zero-std filter),
+    # Qwen-Image `pickscore_qwenimage`, Qwen-Image-Edit `counting_qwenimage_edit_fast` (both W in
+    # (0, num_steps // 2)); Kontext and Wan have no Fast recipe: the sd3 recipe with the model's sampling
+    **{f"{reward}_flux_fast": Args(**model_recipe("flux", _SD3, sampler="cps", noise_level=0.8, sde_window_size=3,
+                                                  sde_window_range=(0, 3), batch_size=3, group_size=24,
+                                                  batches_per_epoch=12, updates_per_epoch=2, clip_range=1e-5,
+                                                  beta=0.0, global_std=reward == "geneval", filter_zero_std=False,
+                                                  eval_every=30, save_every=30, grid_every=30, reward=reward))
+       for reward in ("pickscore", "geneval")},
+    "flux_kontext": Args(**model_recipe("flux_kontext", _SD3)),
+    "pickscore_qwenimage": Args(**model_recipe("qwen_image", _SD3, noise_level=1.2, sde_window_size=2,
+                                               sde_window_range=(0, 5), batch_size=4, group_size=16,
+                                               batches_per_epoch=4, updates_per_epoch=2, clip_range=1e-4, beta=0.0,
+                                               global_std=True, reward="pickscore")),
+    "counting_qwenimage_edit_fast": Args(**model_recipe("qwen_image_edit", _SD3, noise_level=1.5, sde_window_size=4,
+                                                        batch_size=4, group_size=16, batches_per_epoch=4,
+                                                        updates_per_epoch=2, clip_range=1e-4, beta=0.0,
+                                                        global_std=True, reward="image_similarity=0.2,geneval=0.8")),
+    "wan": Args(**model_recipe("wan", _SD3)),
 }
 
 
 # `--model NAME` without `--preset`: that model's preset here (sd3: the published *_fast_nocfg recipe)
-MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3"}
+MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3", "flux": "pickscore_flux_fast", "flux_kontext": "flux_kontext",
+                 "qwen_image": "pickscore_qwenimage", "qwen_image_edit": "counting_qwenimage_edit_fast", "wan": "wan"}
 
 
 def parse_args(argv=None):
@@ -252,6 +281,9 @@ def validate(args: Args, num_processes: int = 1):
         raise ValueError("--noise-level must be > 0 for a trainable SDE rollout")
     if args.clip_range <= 0 or args.learning_rate <= 0:
         raise ValueError("--clip-range and --learning-rate must be > 0")
+    if args.fsdp and args.export_merged:
+        raise ValueError("--export-merged needs the whole transformer on one process: drop it under --fsdp and merge "
+                         "the exported LoRA afterwards (python -m common.lora_merge)")
     if args.resume not in (None, "latest") and not (Path(args.resume) / "COMPLETE").exists():
         raise FileNotFoundError(f"--resume {args.resume}: not a complete checkpoint directory")
     train_prompts = load_prompts(args.prompts, "train")  # raises on a missing, empty or malformed file
@@ -366,9 +398,10 @@ def main(args: Args):
 
     from tqdm.auto import tqdm
 
-    from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, rng_states,
-                                   save_checkpoint, set_rng_states, trainable_state)
-    from common.checkpoint import weights_agree
+    from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, restore_training_state,
+                                   rng_states, save_checkpoint, save_transformer, set_rng_states, training_state,
+                                   weights_agree)
+    from common.distributed import shard
     from common.ema import EMA
     from common.evaluate import evaluate
     from common.models import load_adapter
@@ -388,9 +421,12 @@ def main(args: Args):
 
     # --- model, LoRA, optimizer
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    adapter = load_adapter(args.model, args.pretrained, device=accelerator.device, dtype=weight_dtype)
+    adapter = load_adapter(args.model, args.pretrained, device=accelerator.device, dtype=weight_dtype,
+                           resolution=args.resolution)
     transformer = adapter.transformer
     transformer.requires_grad_(False)
+    if args.gradient_checkpointing:
+        adapter.enable_gradient_checkpointing()
     if args.use_lora:
         add_lora(transformer, args.lora_rank or adapter.lora_rank, args.lora_alpha or adapter.lora_alpha,
                  adapter.lora_target_modules)
@@ -401,10 +437,18 @@ def main(args: Args):
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:  # trainable weights in fp32 under autocast
         p.data = p.data.float()
+    if args.fsdp:  # FSDP2: every block sharded over the processes (common/distributed.py); its weights are now DTensors
+        shard(transformer, param_dtype=weight_dtype)
+        if adapter.frozen_base is not None:
+            shard(adapter.frozen_base, param_dtype=weight_dtype)
+        params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   eps=1e-8)
     accelerator.gradient_accumulation_steps = args.grad_accumulation
-    wrapped, optimizer = accelerator.prepare(transformer, optimizer)
+    if args.fsdp:  # FSDP reduce-scatters the gradients itself: accelerate wraps only the optimizer
+        wrapped, optimizer = transformer, accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = accelerator.prepare(transformer, optimizer)
     adapter.wrap(wrapped)
     ema = EMA(params, update_every=args.ema_every) if args.ema else None
 
@@ -423,13 +467,7 @@ def main(args: Args):
     resume_dir = resolve_resume(args.resume, output_dir)
     if resume_dir is not None:
         state = load_checkpoint(resume_dir)
-        named = dict(transformer.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        restore_training_state(transformer, optimizer, ema, state)
         set_rng_states(state["rng"])
         start_epoch, optimizer_step = state["epoch"], state["optimizer_step"]
         accelerator.print(f"resumed from {resume_dir} at epoch {start_epoch}")
@@ -474,7 +512,7 @@ def main(args: Args):
             indices = group_sampler.indices()
             drawn.append(group_sampler.global_indices())
             batch = [train_prompts[j] for j in indices]
-            embeds = adapter.encode_prompts([p.text for p in batch])
+            embeds = adapter.encode_prompts(batch)
             # one window per sampling call and rank, from a generator seeded by (seed, epoch, batch, rank)
             b = draw_window_start(args.sde_window_range, W, np.random.default_rng([args.seed, epoch, i, rank]))
             noise = torch.Generator().manual_seed(derive_seed(args.seed, epoch, i, rank, "sde"))
@@ -550,6 +588,9 @@ def main(args: Args):
                 for k in range(W):  # window step k of each sample is grid step window_start + k
                     j = flat["window_start"][rows] + k
                     with accelerator.accumulate(wrapped):
+                        if args.fsdp:  # LoRA: accumulate locally, reduce once per update as DDP does (bitwise equal);
+                            # full weights: reduce-scatter every micro-step (unsharded gradients would not fit)
+                            wrapped.set_requires_gradient_sync(accelerator.sync_gradients or not args.use_lora)
                         with accelerator.autocast():
                             velocity = adapter.predict_velocity(x_all[:, k], sigmas[j], embeds, train_negative,
                                                                 train_guidance,
@@ -619,11 +660,11 @@ def main(args: Args):
                                if k.startswith(("epoch", "reward/mean", "train/loss", "train/ratio_dev", "eval/acc",
                                                 "perf/epoch"))})
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
+            state = training_state(transformer, optimizer, ema)  # on every rank: gathered from the shards under --fsdp
             if main_process:
                 save_checkpoint(output_dir, epoch + 1, {
-                    "epoch": epoch + 1, "optimizer_step": optimizer_step, "trainable": trainable_state(transformer),
-                    "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                    "rng": rng_states(), "args": dataclasses.asdict(args)}, keep_last=args.keep_checkpoints)
+                    "epoch": epoch + 1, "optimizer_step": optimizer_step, **state, "rng": rng_states(),
+                    "args": dataclasses.asdict(args)}, keep_last=args.keep_checkpoints)
             accelerator.wait_for_everyone()
         if args.max_minutes is not None and (time.time() - start_time) / 60 > args.max_minutes:
             epoch += 1
@@ -645,15 +686,16 @@ def main(args: Args):
         if evals and "eval/accuracy" in evals[0]:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
-        if args.eval_every > 0:  # the model's own end-of-run figures (the gmm world: the optimal frontier)
+        if args.eval_every > 0 and not args.fsdp:  # the model's own end-of-run figures (gmm: the optimal
+            # frontier); they run forwards on this process alone, which sharded weights cannot
             adapter.report(output_dir, history, reward_fn, test_prompts, seed=args.seed, num_steps=args.eval_num_steps,
                            guidance=args.eval_guidance, images_per_category=args.eval_images_per_category)
-        context = ema.swapped() if ema is not None else nullcontext()
-        with context:
-            if args.use_lora:
-                export_lora(transformer, output_dir / "final", merged=args.export_merged)
-            else:  # full fine-tuning: the whole transformer, loadable with from_pretrained
-                transformer.save_pretrained(output_dir / "final" / "transformer")
+    context = ema.swapped() if ema is not None else nullcontext()
+    with context:  # every rank: under --fsdp the weights are gathered from the shards, the main process writes
+        if args.use_lora:
+            export_lora(transformer, output_dir / "final", merged=args.export_merged, write=main_process)
+        else:  # full fine-tuning: the whole transformer, loadable with from_pretrained
+            save_transformer(transformer, output_dir / "final" / "transformer", write=main_process)
     accelerator.end_training()
     return output_dir
 

@@ -62,7 +62,7 @@ import torch
 from common.cli import parse_with_presets
 from common.data import GroupSampler, category_weights, load_prompts
 from common.lora_merge import resolve_lora_dir
-from common.models import check_model_inputs
+from common.models import check_model_inputs, model_recipe
 from common.rewards import parse_reward_spec
 
 
@@ -100,7 +100,8 @@ class Args:
 
     # ---- model (the student is always a LoRA: teachers and the anchor are adapters on its base)
     model: str = "toy"
-    """model adapter: toy, gmm (both offline) or sd3; without --preset, also its preset (sd3: sd3)"""
+    """model adapter: toy, gmm (both offline), sd3, flux, flux_kontext, qwen_image, qwen_image_edit or wan;
+    without --preset, also its preset (MODEL_PRESETS)"""
     pretrained: Optional[str] = None
     """hub id or local directory (default: the model's checkpoint, listed above the options)"""
     resolution: Optional[int] = None
@@ -111,6 +112,11 @@ class Args:
     """student LoRA rank (init base: default the model's; delta_average: the SVD rank, default the teachers')"""
     lora_alpha: Optional[int] = None
     """student LoRA alpha with --init base (default: the model's published one)"""
+    fsdp: bool = False
+    """shard the transformer over the processes with PyTorch FSDP2 (each keeps 1/N of every block's
+    weights, gradients and optimizer state) instead of replicating it with DDP; CUDA or CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in the backward pass (less memory, ~30 % more compute)"""
 
     # ---- teachers, routing, cold start
     teachers: tuple[str, ...] = ()
@@ -141,7 +147,7 @@ class Args:
     """denoising steps for training rollouts"""
     guidance: float = 4.0
     """CFG scale in rollouts, teacher and anchor forwards alike (1 = no CFG)"""
-    sampler: Literal["flow", "cps", "dance"] = "flow"
+    sampler: Literal["flow", "cps", "dance", "wan"] = "flow"
     """SDE type: flow (Flow-GRPO Eq. 9, the paper's), cps, dance. Not cps by default: its std
     sigma'·sin(a·pi/2) -> 0 at the last trained step, where the KL's 1/(2s²) then outweighs the
     first step's ~10^4 times (flow: ~10 times), so the loss would train one step only"""
@@ -230,6 +236,8 @@ _SD3 = dict(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, g
 _GMM = dict(model="gmm", prompts="gmm", reward="gmm_target", num_steps=10, guidance=1.0, eval_num_steps=20,
             eval_guidance=1.0, eval_images_per_category=512, num_epochs=150, max_minutes=2.0, eval_every=25,
             save_every=50, grid_every=50)
+# general_ocr_sd3_8gpu_opd: 8 GPUs x bs 8, k 16, nb 4, G 2, lr 3e-4 (objective: ours, not the public kl_only)
+_ONE_TEACHER = dict(batch_size=8, batches_per_epoch=4, updates_per_epoch=2, learning_rate=3e-4)
 PRESETS = {
     # two teachers, each `python flow_grpo.py --preset gmm` on its task's prompts (bench/claims.py trains them):
     #   --prompts gmm@tag:single --batch-size 96 --output-dir runs/gmm_teacher_single
@@ -239,17 +247,24 @@ PRESETS = {
                 teacher_prompts=("single=tag:single", "multi=tag:pair+half+any"), batch_size=256, group_size=16,
                 batches_per_epoch=1, updates_per_epoch=1, learning_rate=1e-3),
     "toy": Args(),
-    # general_ocr_sd3_8gpu_opd: 8 GPUs x bs 8, k 16, nb 4, G 2, lr 3e-4 (objective: ours, not the public kl_only)
-    "sd3": Args(**_SD3, batch_size=8, batches_per_epoch=4, updates_per_epoch=2, learning_rate=3e-4),
+    "sd3": Args(**_SD3, **_ONE_TEACHER),
     # mix_opd_8gpu: bs 4, nb 8, G 4, lr 1e-4, alternate schedule (pass --epochs-per-cycle ocr=1 geneval=3)
     "sd3_mix": Args(**_SD3, batch_size=4, batches_per_epoch=8, updates_per_epoch=2, learning_rate=1e-4,
                     routing="alternate"),
+    # no Flow-OPD recipe was published for the other model families: the single-teacher sd3 recipe with
+    # the model's sampling
+    "flux": Args(**model_recipe("flux", _SD3, **_ONE_TEACHER)),
+    "flux_kontext": Args(**model_recipe("flux_kontext", _SD3, **_ONE_TEACHER)),
+    "qwen_image": Args(**model_recipe("qwen_image", _SD3, **_ONE_TEACHER)),
+    "qwen_image_edit": Args(**model_recipe("qwen_image_edit", _SD3, **_ONE_TEACHER)),
+    "wan": Args(**model_recipe("wan", _SD3, **_ONE_TEACHER)),
 }
 
 
 # `--model NAME` without `--preset`: that model's preset here (sd3: the published single-teacher
 # recipe, general_ocr_sd3_8gpu_opd; --preset sd3_mix for the two-dataset one)
-MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3"}
+MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3", **{m: m for m in ("flux", "flux_kontext", "qwen_image",
+                                                                "qwen_image_edit", "wan")}}
 
 
 def parse_args(argv=None):
@@ -362,6 +377,9 @@ def validate(args: Args, num_processes: int = 1):
         raise ValueError("--noise-level must be > 0: the student samples with the SDE and the KL needs s > 0")
     if args.clip_range <= 0 or args.learning_rate <= 0:
         raise ValueError("--clip-range and --learning-rate must be > 0")
+    if args.fsdp and args.export_merged:
+        raise ValueError("--export-merged needs the whole transformer on one process: drop it under --fsdp and merge "
+                         "the exported LoRA afterwards (python -m common.lora_merge)")
     if args.beta < 0 or args.distill_weight < 0:
         raise ValueError("--beta and --distill-weight must be >= 0")
     if args.objective == "mixed" and args.group_size < 2:
@@ -478,9 +496,10 @@ def main(args: Args):
 
     from tqdm.auto import tqdm
 
-    from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, rng_states,
-                                   save_checkpoint, set_rng_states, trainable_state)
-    from common.checkpoint import weights_agree
+    from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, restore_training_state,
+                                   rng_states, save_checkpoint, save_transformer, set_rng_states, training_state,
+                                   weights_agree)
+    from common.distributed import shard
     from common.ema import EMA
     from common.evaluate import evaluate
     from common.lora_merge import attach_lora, load_lora_adapter, merge_loras, read_lora
@@ -507,9 +526,12 @@ def main(args: Args):
 
     # --- the student LoRA ('default'), then one adapter per teacher (+ the MAR anchor) on the same base
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    adapter = load_adapter(args.model, args.pretrained, device=accelerator.device, dtype=weight_dtype)
+    adapter = load_adapter(args.model, args.pretrained, device=accelerator.device, dtype=weight_dtype,
+                           resolution=args.resolution)
     transformer = adapter.transformer
     transformer.requires_grad_(False)
+    if args.gradient_checkpointing:
+        adapter.enable_gradient_checkpointing()
     if initial is not None:
         attach_lora(transformer, *initial, "default")
     else:
@@ -524,10 +546,18 @@ def main(args: Args):
     assert all(".default." in n for n, p in transformer.named_parameters() if p.requires_grad)
     for p in params:  # trainable weights in fp32 under autocast
         p.data = p.data.float()
+    if args.fsdp:  # FSDP2: every block sharded over the processes (common/distributed.py); its weights are now DTensors
+        shard(transformer, param_dtype=weight_dtype)
+        if adapter.frozen_base is not None:
+            shard(adapter.frozen_base, param_dtype=weight_dtype)
+        params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   eps=1e-8)
     accelerator.gradient_accumulation_steps = args.grad_accumulation
-    wrapped, optimizer = accelerator.prepare(transformer, optimizer)
+    if args.fsdp:  # FSDP reduce-scatters the gradients itself: accelerate wraps only the optimizer
+        wrapped, optimizer = transformer, accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = accelerator.prepare(transformer, optimizer)
     adapter.wrap(wrapped)
     ema = EMA(params, update_every=args.ema_every) if args.ema else None
 
@@ -567,13 +597,7 @@ def main(args: Args):
     resume_dir = resolve_resume(args.resume, output_dir)
     if resume_dir is not None:
         state = load_checkpoint(resume_dir)
-        named = dict(transformer.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        restore_training_state(transformer, optimizer, ema, state)
         set_rng_states(state["rng"])
         start_epoch, optimizer_step = state["epoch"], state["optimizer_step"]
         accelerator.print(f"resumed from {resume_dir} at epoch {start_epoch}")
@@ -632,6 +656,10 @@ def main(args: Args):
             if len(rows):
                 with adapter_active(transformer, d.adapter_name):
                     score(rows, teacher_mean, teacher_logp)
+            elif args.fsdp:  # sharded weights: every rank runs every teacher's forwards (they all-gather);
+                # a rank without this teacher's rows scores one row into scratch
+                with adapter_active(transformer, d.adapter_name):
+                    score(np.arange(1), torch.zeros_like(teacher_mean[:1]))
         if anchor_mean is not None:
             every = np.arange(batch)
             if args.mar_lora is not None:
@@ -665,7 +693,7 @@ def main(args: Args):
             indices = [offset + j for j in sampler.indices()]
             drawn.append(sampler.global_indices())
             batch = [pool[j] for j in indices]
-            embeds = adapter.encode_prompts([p.text for p in batch])
+            embeds = adapter.encode_prompts(batch)
             if args.same_latent:
                 seeds = [derive_seed(args.seed, epoch, i, j) for j in indices]
             else:
@@ -750,6 +778,8 @@ def main(args: Args):
                 x_all = flat["latents"][rows].to(accelerator.device)
                 for s, j in enumerate(steps):
                     with accelerator.accumulate(wrapped):
+                        if args.fsdp:  # accumulate locally, reduce once per update as DDP does (bitwise equal)
+                            wrapped.set_requires_gradient_sync(accelerator.sync_gradients)
                         with accelerator.autocast():
                             velocity = adapter.predict_velocity(x_all[:, j], sigmas[j].expand(len(rows)), embeds,
                                                                 negative, args.guidance,
@@ -820,11 +850,11 @@ def main(args: Args):
                                if k.startswith(("epoch", "reward/mean", "train/loss", "train/kl", "opd/dataset",
                                                 "eval/acc", "perf/epoch"))})
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
+            state = training_state(transformer, optimizer, ema)  # on every rank: gathered from the shards under --fsdp
             if main_process:
                 save_checkpoint(output_dir, epoch + 1, {
-                    "epoch": epoch + 1, "optimizer_step": optimizer_step, "trainable": trainable_state(transformer),
-                    "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                    "rng": rng_states(), "args": dataclasses.asdict(args)}, keep_last=args.keep_checkpoints)
+                    "epoch": epoch + 1, "optimizer_step": optimizer_step, **state, "rng": rng_states(),
+                    "args": dataclasses.asdict(args)}, keep_last=args.keep_checkpoints)
             accelerator.wait_for_everyone()
         if args.max_minutes is not None and (time.time() - start_time) / 60 > args.max_minutes:
             epoch += 1
@@ -847,13 +877,16 @@ def main(args: Args):
         if evals:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
-        if args.eval_every > 0 and len(eval_prompts_by_reward) == 1:  # the model's own figures (gmm: the frontier)
+        # the model's own figures (gmm: the frontier); they run forwards on this process alone, which sharded
+        # weights cannot
+        if args.eval_every > 0 and len(eval_prompts_by_reward) == 1 and not args.fsdp:
             (spec, prompts), = eval_prompts_by_reward.items()
             adapter.report(output_dir, history, reward_fns[spec], prompts, seed=args.seed, num_steps=args.eval_num_steps,
                            guidance=args.eval_guidance, images_per_category=args.eval_images_per_category)
-        context = ema.swapped() if ema is not None else nullcontext()
-        with context:
-            export_lora(transformer, output_dir / "final", adapter_name="default", merged=args.export_merged)
+    context = ema.swapped() if ema is not None else nullcontext()
+    with context:  # every rank: under --fsdp the LoRA is gathered from the shards, the main process writes
+        export_lora(transformer, output_dir / "final", adapter_name="default", merged=args.export_merged,
+                    write=main_process)
     accelerator.end_training()
     return output_dir
 

@@ -56,7 +56,7 @@ import torch
 
 from common.cli import parse_with_presets
 from common.data import GroupSampler, category_weights, load_prompts
-from common.models import check_model_inputs
+from common.models import check_model_inputs, model_recipe
 from common.rewards import parse_reward_spec
 
 
@@ -94,7 +94,8 @@ class Args:
 
     # ---- model
     model: str = "toy"
-    """model adapter: toy, gmm (both offline) or sd3; without --preset, also its preset (sd3: sd3)"""
+    """model adapter: toy, gmm (both offline), sd3, flux, flux_kontext, qwen_image, qwen_image_edit or wan;
+    without --preset, also its preset (MODEL_PRESETS)"""
     pretrained: Optional[str] = None
     """hub id or local directory (default: the model's checkpoint, listed above the options)"""
     resolution: Optional[int] = None
@@ -107,6 +108,11 @@ class Args:
     """LoRA rank (default: the model's published one)"""
     lora_alpha: Optional[int] = None
     """LoRA alpha (default: the model's published one)"""
+    fsdp: bool = False
+    """shard the transformer over the processes with PyTorch FSDP2 (each keeps 1/N of every block's
+    weights, gradients and optimizer state) instead of replicating it with DDP; CUDA or CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in the backward pass (less memory, ~30 % more compute)"""
 
     # ---- sampling
     prompts: str = "toy"
@@ -117,8 +123,9 @@ class Args:
     """denoising steps for training rollouts"""
     guidance: float = 4.0
     """CFG scale in rollouts (1 = no CFG)"""
-    sampler: Literal["flow", "cps", "dance"] = "cps"
-    """SDE type: flow (Flow-GRPO Eq. 9), cps (coefficients-preserving), dance (DanceGRPO)"""
+    sampler: Literal["flow", "cps", "dance", "wan"] = "cps"
+    """SDE type: flow (Flow-GRPO Eq. 9), cps (coefficients-preserving), dance (DanceGRPO), wan (flow_grpo's
+    Wan2.1 SDE: g = a·(sigma_min + (sigma_max - sigma_min)·sigma))"""
     noise_level: float = 0.5
     """a (eta): the SDE noise knob; 0 = ODE"""
     logprob: Literal["exact", "cps_unnormalized"] = "exact"
@@ -203,6 +210,11 @@ class Args:
 # The published GRPO-Guard SD3.5-M recipe (`*_rationorm`, 16 GPUs): `--preset sd3`: Flow-SDE
 # a = 0.7, CFG 4.5, k 24, bs 9, nb 8 with 4 updates, lr 1e-4, per-group std, beta 0, clip 2e-6
 # (the OCR config; GenEval / PickScore use 4e-6). Pass your --prompts and --reward.
+_SD3 = dict(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, guidance=4.5, sampler="flow",
+            noise_level=0.7, batch_size=9, group_size=24, batches_per_epoch=8, updates_per_epoch=4,
+            eval_num_steps=40, eval_guidance=4.5, learning_rate=1e-4, clip_range=2e-6, beta=0.0, global_std=False,
+            ema=True, balance_categories=False, eval_every=60, save_every=60, grid_every=60, num_epochs=100000,
+            max_minutes=None)
 # `--preset gmm`: the gmm world (common/gmm), learning in about a minute on 2 CPU cores: 256 points
 # per epoch, no CFG, 512 ODE points per category per evaluation (SE ~0.01). The algorithm fields are
 # this file's published ones (scaled to one process); chosen before any run of it was seen.
@@ -215,16 +227,19 @@ PRESETS = {
                 batch_size=128, group_size=16, batches_per_epoch=2, updates_per_epoch=2, learning_rate=1e-3,
                 global_std=False),
     "toy": Args(),
-    "sd3": Args(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, guidance=4.5, sampler="flow",
-                noise_level=0.7, batch_size=9, group_size=24, batches_per_epoch=8, updates_per_epoch=4,
-                eval_num_steps=40, eval_guidance=4.5, learning_rate=1e-4, clip_range=2e-6, beta=0.0, global_std=False,
-                ema=True, balance_categories=False, eval_every=60, save_every=60, grid_every=60, num_epochs=100000,
-                max_minutes=None),
+    "sd3": Args(**_SD3),
+    # no GRPO-Guard recipe was published for the other model families: the sd3 recipe with each model's sampling
+    "flux": Args(**model_recipe("flux", _SD3)),
+    "flux_kontext": Args(**model_recipe("flux_kontext", _SD3)),
+    "qwen_image": Args(**model_recipe("qwen_image", _SD3)),
+    "qwen_image_edit": Args(**model_recipe("qwen_image_edit", _SD3)),
+    "wan": Args(**model_recipe("wan", _SD3)),
 }
 
 
 # `--model NAME` without `--preset`: that model's preset here (sd3: the published *_rationorm recipe)
-MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3"}
+MODEL_PRESETS = {"toy": "toy", "gmm": "gmm", "sd3": "sd3", **{m: m for m in ("flux", "flux_kontext", "qwen_image",
+                                                                "qwen_image_edit", "wan")}}
 
 
 def parse_args(argv=None):
@@ -253,6 +268,9 @@ def validate(args: Args, num_processes: int = 1):
         raise ValueError("--noise-level must be > 0 for a trainable SDE rollout")
     if args.clip_range <= 0 or args.learning_rate <= 0:
         raise ValueError("--clip-range and --learning-rate must be > 0")
+    if args.fsdp and args.export_merged:
+        raise ValueError("--export-merged needs the whole transformer on one process: drop it under --fsdp and merge "
+                         "the exported LoRA afterwards (python -m common.lora_merge)")
     if args.resume not in (None, "latest") and not (Path(args.resume) / "COMPLETE").exists():
         raise FileNotFoundError(f"--resume {args.resume}: not a complete checkpoint directory")
     train_prompts = load_prompts(args.prompts, "train")  # raises on a missing, empty or malformed file
@@ -371,9 +389,10 @@ def main(args: Args):
 
     from tqdm.auto import tqdm
 
-    from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, rng_states,
-                                   save_checkpoint, set_rng_states, trainable_state)
-    from common.checkpoint import weights_agree
+    from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, restore_training_state,
+                                   rng_states, save_checkpoint, save_transformer, set_rng_states, training_state,
+                                   weights_agree)
+    from common.distributed import shard
     from common.ema import EMA
     from common.evaluate import evaluate
     from common.models import load_adapter
@@ -392,9 +411,12 @@ def main(args: Args):
 
     # --- model, LoRA, optimizer
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    adapter = load_adapter(args.model, args.pretrained, device=accelerator.device, dtype=weight_dtype)
+    adapter = load_adapter(args.model, args.pretrained, device=accelerator.device, dtype=weight_dtype,
+                           resolution=args.resolution)
     transformer = adapter.transformer
     transformer.requires_grad_(False)
+    if args.gradient_checkpointing:
+        adapter.enable_gradient_checkpointing()
     if args.use_lora:
         add_lora(transformer, args.lora_rank or adapter.lora_rank, args.lora_alpha or adapter.lora_alpha,
                  adapter.lora_target_modules)
@@ -405,10 +427,18 @@ def main(args: Args):
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:  # trainable weights in fp32 under autocast
         p.data = p.data.float()
+    if args.fsdp:  # FSDP2: every block sharded over the processes (common/distributed.py); its weights are now DTensors
+        shard(transformer, param_dtype=weight_dtype)
+        if adapter.frozen_base is not None:
+            shard(adapter.frozen_base, param_dtype=weight_dtype)
+        params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   eps=1e-8)
     accelerator.gradient_accumulation_steps = args.grad_accumulation
-    wrapped, optimizer = accelerator.prepare(transformer, optimizer)
+    if args.fsdp:  # FSDP reduce-scatters the gradients itself: accelerate wraps only the optimizer
+        wrapped, optimizer = transformer, accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = accelerator.prepare(transformer, optimizer)
     adapter.wrap(wrapped)
     ema = EMA(params, update_every=args.ema_every) if args.ema else None
 
@@ -429,13 +459,7 @@ def main(args: Args):
     resume_dir = resolve_resume(args.resume, output_dir)
     if resume_dir is not None:
         state = load_checkpoint(resume_dir)
-        named = dict(transformer.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        restore_training_state(transformer, optimizer, ema, state)
         set_rng_states(state["rng"])
         start_epoch, optimizer_step = state["epoch"], state["optimizer_step"]
         accelerator.print(f"resumed from {resume_dir} at epoch {start_epoch}")
@@ -480,7 +504,7 @@ def main(args: Args):
             indices = group_sampler.indices()
             drawn.append(group_sampler.global_indices())
             batch = [train_prompts[j] for j in indices]
-            embeds = adapter.encode_prompts([p.text for p in batch])
+            embeds = adapter.encode_prompts(batch)
             if args.same_latent:  # every copy of a prompt, on any rank, starts from the same x_T
                 seeds = [derive_seed(args.seed, epoch, i, j) for j in indices]
             else:
@@ -551,6 +575,9 @@ def main(args: Args):
                 x_all, old_all, adv = flat["latents"][rows], flat["log_probs"][rows], flat["advantages"][rows]
                 for j in args.train_steps:
                     with accelerator.accumulate(wrapped):
+                        if args.fsdp:  # LoRA: accumulate locally, reduce once per update as DDP does (bitwise equal);
+                            # full weights: reduce-scatter every micro-step (unsharded gradients would not fit)
+                            wrapped.set_requires_gradient_sync(accelerator.sync_gradients or not args.use_lora)
                         with accelerator.autocast():
                             velocity = adapter.predict_velocity(x_all[:, j], sigmas[j].expand(len(rows)), embeds,
                                                                 train_negative, train_guidance,
@@ -627,11 +654,11 @@ def main(args: Args):
                                if k.startswith(("epoch", "reward/mean", "train/loss", "train/ratio_dev", "eval/acc",
                                                 "perf/epoch"))})
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
+            state = training_state(transformer, optimizer, ema)  # on every rank: gathered from the shards under --fsdp
             if main_process:
                 save_checkpoint(output_dir, epoch + 1, {
-                    "epoch": epoch + 1, "optimizer_step": optimizer_step, "trainable": trainable_state(transformer),
-                    "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                    "rng": rng_states(), "args": dataclasses.asdict(args)}, keep_last=args.keep_checkpoints)
+                    "epoch": epoch + 1, "optimizer_step": optimizer_step, **state, "rng": rng_states(),
+                    "args": dataclasses.asdict(args)}, keep_last=args.keep_checkpoints)
             accelerator.wait_for_everyone()
         if args.max_minutes is not None and (time.time() - start_time) / 60 > args.max_minutes:
             epoch += 1
@@ -653,19 +680,20 @@ def main(args: Args):
         if evals and "eval/accuracy" in evals[0]:
             series["eval accuracy (ODE, test)"] = ([r["epoch"] for r in evals], [r["eval/accuracy"] for r in evals])
         plot_curves(output_dir / "reward_curve.png", series, title=args.exp_name)
-        if args.eval_every > 0:  # the model's own end-of-run figures (the gmm world: the optimal frontier)
+        if args.eval_every > 0 and not args.fsdp:  # the model's own end-of-run figures (gmm: the optimal
+            # frontier); they run forwards on this process alone, which sharded weights cannot
             adapter.report(output_dir, history, reward_fn, test_prompts, seed=args.seed, num_steps=args.eval_num_steps,
                            guidance=args.eval_guidance, images_per_category=args.eval_images_per_category)
         if any(values["raw"] for values in step_ratios.values()):  # the last epoch's per-step distribution
             plot_ratio_distribution(output_dir / "ratio_distribution.png",
                                     {j: {kind: torch.cat(v).cpu().numpy() if v else [] for kind, v in values.items()}
                                      for j, values in step_ratios.items()}, title=args.exp_name)
-        context = ema.swapped() if ema is not None else nullcontext()
-        with context:
-            if args.use_lora:
-                export_lora(transformer, output_dir / "final", merged=args.export_merged)
-            else:  # full fine-tuning: the whole transformer, loadable with from_pretrained
-                transformer.save_pretrained(output_dir / "final" / "transformer")
+    context = ema.swapped() if ema is not None else nullcontext()
+    with context:  # every rank: under --fsdp the weights are gathered from the shards, the main process writes
+        if args.use_lora:
+            export_lora(transformer, output_dir / "final", merged=args.export_merged, write=main_process)
+        else:  # full fine-tuning: the whole transformer, loadable with from_pretrained
+            save_transformer(transformer, output_dir / "final" / "transformer", write=main_process)
     accelerator.end_training()
     return output_dir
 

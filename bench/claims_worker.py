@@ -183,7 +183,7 @@ def sampler_measures(adapter, sampler, noise_level, seed, points=4096, num_steps
     from common.rollout import derive_seed, initial_latents, rollout
 
     prompts = balanced_eval_prompts(load_prompts("gmm", "test"), points // 4)
-    embeds = adapter.encode_prompts([p.text for p in prompts])
+    embeds = adapter.encode_prompts(prompts)
     sigmas = adapter.make_sigmas(num_steps)
     seeds = [derive_seed(seed, "claims_sampler", i) for i in range(len(prompts))]
     latents = initial_latents(adapter.latent_shape(len(prompts)), seeds)

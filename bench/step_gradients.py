@@ -36,7 +36,7 @@ def main():
     add_lora(adapter.transformer, adapter.lora_rank, adapter.lora_alpha, adapter.lora_target_modules)
     params = [p for p in adapter.transformer.parameters() if p.requires_grad]
     prompts = load_prompts("toy", "train")[:16]
-    embeds, negative = adapter.encode_prompts([p.text for p in prompts]), adapter.negative_embeds()
+    embeds, negative = adapter.encode_prompts(prompts), adapter.negative_embeds()
     sigmas = adapter.make_sigmas(cli.num_steps, None)
     latents = initial_latents(adapter.latent_shape(len(prompts), None), list(range(len(prompts))))
     with torch.no_grad():

@@ -35,7 +35,36 @@ def add_lora(transformer, rank, alpha, target_modules, adapter_name="default", i
 
 
 def trainable_state(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable weights by name, full tensors on the CPU (gathered from the shards under
+    `--fsdp`: a collective, so every rank calls it)."""
+    from common.distributed import full_state
+
+    return full_state({name: p for name, p in model.named_parameters() if p.requires_grad})
+
+
+def training_state(model, optimizer, ema=None):
+    """What a checkpoint holds of the training: trainable weights, optimizer and EMA states, as full
+    tensors whether or not the model is sharded, so a sharded run saves the files one process would.
+    Call on every rank (gathers under FSDP); the main process writes them."""
+    from common.distributed import full_optimizer_state, is_sharded
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return {"trainable": trainable_state(model),
+            "optimizer": full_optimizer_state(model, inner) if is_sharded(model) else optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None}
+
+
+def restore_training_state(model, optimizer, ema, state):
+    """Inverse of `training_state` on a freshly built (and possibly sharded) model and optimizer."""
+    from common.distributed import is_sharded, load_full_optimizer_state, load_full_state
+
+    load_full_state(dict(model.named_parameters()), state["trainable"])
+    if is_sharded(model):
+        load_full_optimizer_state(model, getattr(optimizer, "optimizer", optimizer), state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
 
 
 def weights_agree(accelerator, params):
@@ -46,7 +75,11 @@ def weights_agree(accelerator, params):
     worse curve."""
     if accelerator.num_processes == 1:
         return 1.0
-    flat = torch.cat([p.detach().double().flatten().cpu() for p in params])
+    from common.distributed import full_tensor
+
+    # sharded (FSDP) weights agree by construction per shard; the fingerprint of their full values
+    # still catches a rank whose shards diverged from what the others gathered
+    flat = torch.cat([full_tensor(p.detach()).double().flatten().cpu() for p in params])
     positions = torch.arange(len(flat), dtype=torch.float64).mul_(0.618).sin_()
     fingerprint = torch.stack([flat.sum(), (flat * flat).sum(), (flat * positions).sum()])
     gathered = accelerator.gather(fingerprint[None].to(accelerator.device)).cpu()
@@ -118,11 +151,17 @@ def _lora_config_dict(config: LoraConfig):
     return out
 
 
-def export_lora(transformer, directory, adapter_name="default", merged=False):
-    """Diffusers-format LoRA + PEFT adapter (+ merged transformer) of the current weights."""
+def export_lora(transformer, directory, adapter_name="default", merged=False, write=True):
+    """Diffusers-format LoRA + PEFT adapter (+ merged transformer) of the current weights. Under
+    `--fsdp` every rank calls it (the LoRA is gathered from the shards) and only `write` ranks
+    write; a merged export needs the unsharded transformer."""
+    from common.distributed import full_state
+
+    state = full_state(lora_state_dict(transformer, adapter_name))
+    if not write:
+        return Path(directory)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = lora_state_dict(transformer, adapter_name)
     config = transformer.peft_config[adapter_name]
     # as is: no convert_state_dict_to_diffusers (it drops SD3's attention LoRAs silently), and
     # the config in the metadata (without it, loading assumes lora_alpha == r)
@@ -139,6 +178,25 @@ def export_lora(transformer, directory, adapter_name="default", merged=False):
         fused.fuse_lora(adapter_names=[adapter_name])
         fused.unload_lora()
         fused.save_pretrained(directory / "merged_transformer")
+    return directory
+
+
+def save_transformer(transformer, directory, write=True):
+    """A fully fine-tuned transformer, loadable with its class's `from_pretrained`. Under `--fsdp`
+    every rank calls it (the weights are gathered from the shards) and `write` ranks write the
+    config and one safetensors file, the layout `save_pretrained` gives an unsharded model."""
+    from common.distributed import full_model_state, is_sharded
+
+    directory = Path(directory)
+    if not is_sharded(transformer):
+        if write:
+            transformer.save_pretrained(directory)
+        return directory
+    state = full_model_state(transformer)
+    if write:
+        directory.mkdir(parents=True, exist_ok=True)
+        transformer.save_config(directory)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "diffusion_pytorch_model.safetensors"))
     return directory
 
 

@@ -2,7 +2,9 @@
 
 Every loader returns a list of `Prompt`s (text + GenEval-style metadata, empty for txt),
 so rewards that need metadata (GenEval, the toy `shapes` reward) and those that don't read
-the same records. Problems are reported with the path and line before any model loads.
+the same records. Editing sets (`counting_edit`: `image`, `t2i_prompt`, `prompt`) keep their
+source image as metadata `image`, an absolute path resolved against the jsonl file's folder.
+Problems are reported with the path and line before any model loads.
 """
 
 import json
@@ -39,8 +41,20 @@ def _read_jsonl(path):
             raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f"{path}:{number}: each line must be a JSON object with a string 'prompt'")
+        if "image" in row:
+            row["image"] = _source_image(row["image"], path, number)
         prompts.append(Prompt(row["prompt"], row))
     return prompts
+
+
+def _source_image(image, path, number):
+    """An editing record's source image: its path resolved against the jsonl file's folder."""
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{path}:{number}: 'image' must be a path to the source image (relative to {path.parent})")
+    resolved = (path.parent / Path(image).expanduser()).resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{path}:{number}: source image {image!r} does not exist (looked for {resolved})")
+    return str(resolved)
 
 
 def _split_file(directory, split):

@@ -41,8 +41,14 @@ class EMA:
                 param.copy_(saved)
 
     def state_dict(self):
-        return {"shadow": self.shadow, "max_decay": self.max_decay, "update_every": self.update_every}
+        """Full tensors (gathered from the shards under FSDP: every rank calls it)."""
+        from common.distributed import full_tensor
 
+        return {"shadow": [full_tensor(s).cpu().clone() for s in self.shadow], "max_decay": self.max_decay,
+                "update_every": self.update_every}
+
+    @torch.no_grad()
     def load_state_dict(self, state):
-        for shadow, saved in zip(self.shadow, state["shadow"]):
-            shadow.copy_(saved)
+        from common.distributed import load_full_state
+
+        load_full_state(dict(enumerate(self.shadow)), dict(enumerate(state["shadow"])))

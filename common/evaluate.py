@@ -10,6 +10,9 @@ model plus optionally a LoRA (our diffusers export, a PEFT adapter, a training c
 merged transformer; prompts from the toy splits, a txt file, GenEval metadata or a
 T2I-CompBench-style folder; images written as `{output_dir}/{category}/samples/{prompt}_{k:05d}.png`
 (the layout T2I-CompBench's scorers read) and, with `--reward`, scored into `summary.json`.
+Videos (`--model wan`, (F, 3, H, W) each) are saved losslessly as one PNG of their F frames stacked
+top to bottom (F·H x W), same file names; scoring reads them back into (N, F, 3, H, W) with the
+adapter's `num_frames` (image scorers such as T2I-CompBench's would see one tall picture).
 
 Launch:
     # the toy base model the way its card and the in-loop evaluation measure it
@@ -52,12 +55,12 @@ def balanced_eval_prompts(prompts, images_per_category=64):
 
 @torch.no_grad()
 def generate_seeded(adapter, prompts, seeds, *, num_steps, guidance, resolution=None, negative=None):
-    """ODE images (N, 3, H, W) in [0, 1], one batch: prompt i starts from the noise of seeds[i].
-    `negative` (embeds) defaults to the adapter's empty-prompt embedding."""
+    """ODE images (N, 3, H, W) (videos: (N, F, 3, H, W)) in [0, 1], one batch: prompt i starts from
+    the noise of seeds[i]. `negative` (embeds) defaults to the adapter's empty-prompt embedding."""
     sigmas = adapter.make_sigmas(num_steps, resolution)
     if guidance > 1 and negative is None:
         negative = adapter.negative_embeds()
-    embeds = adapter.encode_prompts([p.text for p in prompts])
+    embeds = adapter.encode_prompts(prompts)
     latents = initial_latents(adapter.latent_shape(len(prompts), resolution), seeds)
     trajectory = rollout(adapter, embeds, sigmas, latents, negative=negative if guidance > 1 else None,
                          guidance=guidance, noise_level=0.0, keep_means=False)
@@ -66,7 +69,8 @@ def generate_seeded(adapter, prompts, seeds, *, num_steps, guidance, resolution=
 
 @torch.no_grad()
 def generate(adapter, prompts, *, num_steps, guidance, seed=0, batch_size=None, resolution=None, progress=None):
-    """ODE images (N, 3, H, W) in [0, 1] for `prompts` (list of `Prompt`), seeds seed + index."""
+    """ODE images (N, 3, H, W) (videos: (N, F, 3, H, W)) in [0, 1] for `prompts` (list of `Prompt`),
+    seeds seed + index."""
     images = []
     batch_size = batch_size or adapter.eval_batch_size
     for start in range(0, len(prompts), batch_size):
@@ -131,7 +135,8 @@ def evaluate(adapter, prompts, reward_fn, *, num_steps=20, guidance=4.0, seed=0,
 class Args:
     # ---- model
     model: str = "toy"
-    """model adapter: toy (embedded, offline) or sd3"""
+    """model adapter: toy (embedded, offline), gmm, sd3, flux, flux_kontext, qwen_image, qwen_image_edit or
+    wan (videos, saved as frame-stacked PNGs)"""
     pretrained: Optional[str] = None
     """hub id or local directory of the base model (toy: the committed weights when unset)"""
     lora: Optional[str] = None
@@ -273,6 +278,9 @@ def generation_settings(args: Args):
                 "steps": args.steps, "guidance": args.guidance,
                 "resolution": args.resolution or get_adapter_class(args.model).default_resolution,
                 "negative_prompt": args.negative_prompt, "seed": args.seed}
+    frames = video_frames(args.model)
+    if frames is not None:  # a video model: the frame count shapes every file
+        settings["num_frames"] = frames
     if args.protocol == "balanced":
         settings["images_per_category"] = args.images_per_category
     else:
@@ -310,7 +318,7 @@ def load_model(args: Args, device):
     from common.models import load_adapter
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    adapter = load_adapter(args.model, args.pretrained, device=device, dtype=dtype)
+    adapter = load_adapter(args.model, args.pretrained, device=device, dtype=dtype, resolution=args.resolution)
     if args.transformer is not None:
         transformer = type(adapter.transformer).from_pretrained(args.transformer, dtype=dtype).to(device).eval()
         adapter.transformer = transformer
@@ -324,8 +332,17 @@ def load_model(args: Args, device):
     return adapter
 
 
+def video_frames(model):
+    """Frames per sample of a video model (its adapter class's `num_frames`), None for image models."""
+    from common.models import get_adapter_class
+
+    return getattr(get_adapter_class(model), "num_frames", None)
+
+
 def save_png(image, path):
-    """Written under a temporary name and renamed: a killed run never leaves a truncated image
+    """An image (3, H, W), or a video (F, 3, H, W) as its frames stacked top to bottom (F·H x W),
+    in [0, 1] -> an 8-bit PNG (lossless, so `load_pngs` gets the uint8 pixels back exactly).
+    Written under a temporary name and renamed: a killed run never leaves a truncated image
     that a resumed run would take for finished."""
     from PIL import Image
 
@@ -333,17 +350,25 @@ def save_png(image, path):
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(to_uint8(image[None])[0]).save(tmp, format="PNG")
+    frames = to_uint8(image if image.ndim == 4 else image[None])  # (F, H, W, 3), F = 1 for an image
+    Image.fromarray(np.concatenate(list(frames), axis=0)).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
-def load_pngs(paths):
-    """PNG files -> (N, 3, H, W) float in [0, 1]: scores are always computed from the saved files,
-    so a resumed run scores exactly what an uninterrupted one does."""
+def load_pngs(paths, frames=None):
+    """PNG files -> (N, 3, H, W) float in [0, 1], or with `frames` the videos `save_png` stacked,
+    (N, frames, 3, H, W): scores are always computed from the saved files, so a resumed run scores
+    exactly what an uninterrupted one does."""
     from PIL import Image
 
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # (N, rows, W, 3)
+    if frames is None:
+        return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255
+    count, rows, width, _ = arrays.shape
+    if rows % frames:
+        raise ValueError(f"{paths[0]}: {rows} pixel rows do not stack {frames} frames of equal height")
+    videos = arrays.reshape(count, frames, rows // frames, width, 3)
+    return torch.from_numpy(videos).permute(0, 1, 4, 2, 3).float() / 255
 
 
 def category_table(jobs, rewards, strict_key):
@@ -449,9 +474,10 @@ def main(args: Args):
     from common.rewards import MultiReward, parse_reward_spec
 
     reward_fn = MultiReward(parse_reward_spec(args.reward))
+    frames = video_frames(args.model)
     scored = []
     for batch in tqdm(mine, desc="scoring", unit="batch", disable=not main_process):
-        images = load_pngs([output_dir / job.file for job in batch])
+        images = load_pngs([output_dir / job.file for job in batch], frames)
         rewards = reward_fn(images, [job.prompt.text for job in batch], [job.prompt.metadata for job in batch])
         scored += [(job.index, {name: float(values[i]) for name, values in rewards.items()})
                    for i, job in enumerate(batch)]

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,10 @@ def resolved_recipe(args, **extra):
               "processes": processes, "images_per_batch_per_process": batch, "images_per_batch": batch * processes,
               "group_size": group, "prompts_per_batch": batch * processes // group, "batches_per_epoch": batches,
               "images_per_epoch_per_process": batch * batches, "images_per_epoch": batch * batches * processes,
-              "updates_per_epoch": updates, "images_per_update": batch * batches * processes // updates}
+              "updates_per_epoch": updates, "images_per_update": batch * batches * processes // updates,
+              "parallel": ("FSDP2, the transformer sharded" if get("fsdp") else "DDP, the transformer replicated"
+                           if processes > 1 else "one process")
+                          + (", gradient checkpointing" if get("gradient_checkpointing") else "")}
     if get("train_steps"):
         recipe["trained_steps"] = list(args.train_steps)
     recipe["micro_steps_per_update"] = get("grad_accumulation")
@@ -59,7 +63,7 @@ _LAID_OUT = {"script", "model", "checkpoint", "preset", "resolution", "dtype", "
              "noise_level", "guidance", "eval_num_steps", "eval_guidance", "processes", "images_per_batch_per_process",
              "images_per_batch", "group_size", "prompts_per_batch", "batches_per_epoch", "images_per_epoch_per_process",
              "images_per_epoch", "updates_per_epoch", "images_per_update", "reward", "prompts", "num_epochs",
-             "max_minutes"}
+             "max_minutes", "parallel"}
 
 
 def format_recipe(r, path=None):
@@ -84,7 +88,8 @@ def format_recipe(r, path=None):
         f"sampling   {count(r['num_steps'], 'step')}, sampler {r['sampler']}, noise level {r['noise_level']:g}, "
         f"guidance {r['guidance']:g}{evaluation}",
         f"batch      {r['images_per_batch_per_process']} per process x {count(r['processes'], 'process', 'processes')} "
-        f"= {r['images_per_batch']} images = {count(r['prompts_per_batch'], 'prompt')} x group {r['group_size']}",
+        f"= {r['images_per_batch']} images = {count(r['prompts_per_batch'], 'prompt')} x group {r['group_size']} "
+        f"({r['parallel']})",
         f"epoch      {count(r['batches_per_epoch'], 'batch', 'batches')} = {r['images_per_epoch_per_process']} images "
         f"per process, {r['images_per_epoch']} in total; {count(r['updates_per_epoch'], 'update')} of "
         f"{r['images_per_update']} images each",
@@ -165,6 +170,34 @@ def save_grid(path, images, captions, columns=8, scale=4):
         draw.text((x + 2, y + height + 1), "\n".join(lines[:3]), fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+
+
+def frame_indices(num_frames, count):
+    """`count` evenly spaced frame indices from the first frame to the last (all if fewer)."""
+    if num_frames <= count:
+        return list(range(num_frames))
+    return np.linspace(0, num_frames - 1, count).round().astype(int).tolist()
+
+
+def save_frame_strips(path, videos, captions, frames=4, scale=2):
+    """A PNG with one captioned row per video (B, F, 3, H, W) in [0, 1]: `frames` evenly spaced
+    frames side by side, first to last (the video models' counterpart of `save_grid`)."""
+    picked = frame_indices(videos.shape[1], frames)
+    array = videos[:, picked].detach().float().clamp(0, 1).cpu().numpy()
+    array = (array * 255).round().astype(np.uint8).transpose(0, 1, 3, 4, 2)  # (B, k, H, W, 3)
+    height, width = array.shape[2] * scale, array.shape[3] * scale
+    caption_h, gap = 30, 4
+    row_w = max(len(picked) * (width + gap), 300)
+    strip = Image.new("RGB", (row_w, len(array) * (height + caption_h)), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (video, caption) in enumerate(zip(array, captions)):
+        y = i * (height + caption_h)
+        for k, frame in enumerate(video):
+            strip.paste(Image.fromarray(frame).resize((width, height), Image.NEAREST), (k * (width + gap), y))
+        label = f"frames {', '.join(str(f) for f in picked)}: {caption}"
+        draw.text((2, y + height + 1), "\n".join(textwrap.wrap(label, row_w // 6)[:2]), fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    strip.save(path)
 
 
 def plot_curves(path, series, xlabel="epoch", ylabel="reward", title=None):

@@ -6,6 +6,10 @@ returning every component plus `avg` = sum_k w_k·score_k (not divided by the we
 published, ALGORITHMS.md §16 #35); a weight of 0 still computes and logs the component (a "gold"
 monitor).
 
+Videos (B, F, 3, H, W) (the wan adapter's samples) reach an image reward as frames: every
+`VIDEO_FRAME_STRIDE`-th frame is scored and each video gets the mean over its frames; a reward
+marked `fn.scores_videos = True` (`video_ocr`) receives the videos whole.
+
 Spec grammar: `name[:arg][=weight]`, comma-separated. `arg` (everything after the first `:` up to
 a trailing `=<number>`) goes to the reward's factory: a local model directory or a server URL,
 e.g. `pickscore:/models/PickScore_v1=1.0` or `unifiedreward:http://127.0.0.1:17140/v1`.
@@ -89,6 +93,76 @@ def jpeg_incompressibility_reward(scale=None):
     return lambda images, prompts, metadata: {"jpeg_incompressibility": _jpeg_kilobytes(images) / divisor}
 
 
+# Videos: image rewards score frames 0, 4, 8, ... (9 of Wan's 33 frames), the frames flow_grpo's
+# `video_ocr` reads, and average them per video
+VIDEO_FRAME_STRIDE = 4
+
+
+def score_video_frames(fn, videos, prompts, metadata, stride=VIDEO_FRAME_STRIDE):
+    """An image reward `fn` on videos (B, F, 3, H, W): every `stride`-th frame scored as an image
+    (with its video's prompt and metadata), each component the mean over a video's frames (a NaN
+    frame, one a remote reward could not score, leaves its video unscored)."""
+    frames = videos[:, ::stride]
+    batch, count = frames.shape[:2]
+    scores = fn(frames.reshape(batch * count, *frames.shape[2:]), [p for p in prompts for _ in range(count)],
+                [m for m in metadata for _ in range(count)])
+    return {name: np.asarray(values, dtype=np.float64).reshape(batch, count).mean(axis=1)
+            for name, values in scores.items()}
+
+
+def video_ocr_score(frame_texts, target):
+    """flow_grpo's `video_ocr` rule for one video (ALGORITHMS.md §12): per frame, the recognised
+    lines joined, lower-case, no spaces; d = min(Levenshtein, len(target)) with no substring
+    shortcut (unlike `ocr`); frame score 1 - d/len(target). The video scores the mean of its frames
+    that score > 0, or 0 if none does. `frame_texts`: one sequence of lines per frame (None: OCR
+    failed on that frame, which scores 0)."""
+    from common.reward_models import levenshtein
+
+    target = target.replace(" ", "").lower()
+    if not target:
+        return 0.0
+    kept = []
+    for lines in frame_texts:
+        if lines is None:
+            continue
+        text = "".join(lines).replace(" ", "").lower()
+        score = 1.0 - min(levenshtein(text, target), len(target)) / len(target)
+        if score > 0:
+            kept.append(score)
+    return sum(kept) / len(kept) if kept else 0.0
+
+
+def video_ocr_reward(arg=None):
+    """Text rendering in videos, flow_grpo's `video_ocr`: the `ocr` reward's engine (`arg` as
+    there: `video_ocr:rapidocr` keeps rapidocr's detector settings) reads every
+    `VIDEO_FRAME_STRIDE`-th frame of each (B, F, 3, H, W) video; `video_ocr_score` combines them.
+    Images (B, 3, H, W) count as one-frame videos."""
+    import warnings
+
+    from common.reward_models import ocr_reward, ocr_target
+
+    engine = ocr_reward(arg).engine
+
+    def fn(images, prompts, metadata):
+        videos = images if images.ndim == 5 else images[:, None]
+        scores = []
+        for video, prompt in zip(videos, prompts):
+            target = ocr_target(prompt)
+            texts = []
+            for frame in to_uint8(video[::VIDEO_FRAME_STRIDE]):
+                try:
+                    texts.append(engine(Image.fromarray(frame)).txts or ())
+                except Exception as error:  # published: a failed frame scores 0; we also say so
+                    warnings.warn(f"video_ocr reward: OCR failed on a frame ({error!r}); it scores 0")
+                    texts.append(None)
+            scores.append(video_ocr_score(texts, target))
+        return {"video_ocr": np.array(scores, dtype=np.float32)}
+
+    fn.scores_videos = True
+    fn.engine = engine
+    return fn
+
+
 REWARDS = {
     "shapes": shapes_reward,
     "colour_coverage": colour_coverage_reward,
@@ -99,6 +173,7 @@ REWARDS = {
     "gmm_hit": "common.gmm.rewards:hit_reward",
     "gmm_proxy": "common.gmm.rewards:proxy_reward",
     "ocr": "common.reward_models:ocr_reward",
+    "video_ocr": video_ocr_reward,
     "aesthetic": "common.reward_models:aesthetic_reward",
     "clipscore": "common.reward_models:clipscore_reward",
     "pickscore": "common.reward_models:pickscore_reward",
@@ -115,7 +190,7 @@ REWARDS = {
 
 # name -> (importable modules it needs, the pyproject extra that installs them). Rewards not listed
 # need only the core dependencies (torch, transformers, pillow).
-REQUIREMENTS = {"ocr": (("rapidocr", "onnxruntime"), "ocr")}
+REQUIREMENTS = {"ocr": (("rapidocr", "onnxruntime"), "ocr"), "video_ocr": (("rapidocr", "onnxruntime"), "ocr")}
 
 
 def check_requirements(name):
@@ -188,9 +263,15 @@ class MultiReward:
         self.fns = {split_key(key)[0]: build_reward(key) for key in weights}
 
     def __call__(self, images, prompts, metadata):
+        """Scores of images (B, 3, H, W) or videos (B, F, 3, H, W): an image reward scores a
+        video's every `VIDEO_FRAME_STRIDE`-th frame and averages (`score_video_frames`)."""
         out, avg = {}, np.zeros(len(prompts), dtype=np.float64)
+        video = images.ndim == 5
         for name, fn in self.fns.items():
-            scores = fn(images, prompts, metadata)
+            if video and not getattr(fn, "scores_videos", False):
+                scores = score_video_frames(fn, images, prompts, metadata)
+            else:
+                scores = fn(images, prompts, metadata)
             # the weight applies to the component named like the reward (a server reward may
             # answer under a single other name)
             primary = name if name in scores else (next(iter(scores)) if len(scores) == 1 else None)

@@ -9,6 +9,9 @@ A stochastic step is the Gaussian pi(x'|x) = N(mean, std^2 I):
 - `cps`   (Coefficients-Preserving Sampling): std = sigma'·sin(a·pi/2),
           mean = (1 - sigma')·x0_hat + sqrt(sigma'² - std²)·x1_hat
 - `dance` (DanceGRPO): flow with a constant g = a.
+- `wan`   (flow_grpo's Wan2.1 script): flow with g = a·(sigma_min + (sigma_max - sigma_min)·sigma),
+          sigma_max = the grid's second value, sigma_min = its last (0 on the released grid);
+          the published sampler is a = 1.
 
 `noise_level` (a) = 0 is exactly the Euler ODE step x + v·dt for every type. All maths runs
 in fp32 whatever the model dtype. Log-probs are the exact Gaussian log-density *averaged*
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SAMPLERS = ("flow", "cps", "dance")
+SAMPLERS = ("flow", "cps", "dance", "wan")
 LOGPROBS = ("exact", "cps_unnormalized")
 KL_CONVENTIONS = ("exact", "flowgrpo")
 
@@ -43,15 +46,15 @@ class StepOutput:
     log_prob: torch.Tensor    # (B,) mean over non-batch dims; 0 where not trainable
     mean: torch.Tensor        # transition mean, fp32
     std: torch.Tensor         # (B,) per-step std, sqrt|dt| included; 0 on ODE steps
-    diffusion: torch.Tensor   # (B,) g for flow/dance, std for cps: the public KL's scale
+    diffusion: torch.Tensor   # (B,) g for flow/dance/wan, std for cps: the public KL's scale
     sigma: torch.Tensor       # (B,)
     sigma_next: torch.Tensor  # (B,)
     dt: torch.Tensor          # (B,) sigma_next - sigma < 0
     trainable: torch.Tensor   # (B,) bool: std > 0 and sigma_next > 0
 
 
-def _sde_step_core(velocity, sample, sigma, sigma_next, sigma_for_g, noise_level, noise_or_prev,
-                   draw: bool, sampler: str, logprob: str):
+def _sde_step_core(velocity, sample, sigma, sigma_next, sigma_for_g, sigma_max, sigma_min, noise_level,
+                   noise_or_prev, draw: bool, sampler: str, logprob: str):
     """Pure tensor maths of one step (compilable, no Python branching on values)."""
     shape = (-1,) + (1,) * (sample.ndim - 1)
     v, x = velocity.float(), sample.float()
@@ -66,6 +69,9 @@ def _sde_step_core(velocity, sample, sigma, sigma_next, sigma_for_g, noise_level
     else:
         if sampler == "flow":
             g = a * torch.sqrt(s / (1 - sigma_for_g.view(shape)))
+        elif sampler == "wan":
+            low = sigma_min.view(shape)
+            g = a * (low + (sigma_max.view(shape) - low) * s)
         else:  # dance
             g = a
         std = g * torch.sqrt(-dt)
@@ -106,6 +112,8 @@ def sde_step(velocity, sample, step_index, sigmas, noise_level, sampler="flow", 
     sigma, sigma_next = sigmas[index], sigmas[index + 1]
     # sigma~ (Flow-SDE): at sigma = 1 use the grid's second value, avoiding 1/0; test >= 1, not ==
     sigma_for_g = torch.where(sigma >= 1, sigmas[1].expand(batch), sigma)
+    # Wan's g is linear from sigma_max = sigmas[1] (not sigmas[0]) to sigma_min = sigmas[-1], as its script reads them
+    sigma_max, sigma_min = sigmas[1].expand(batch), sigmas[-1].expand(batch)
     noise_level = torch.as_tensor(noise_level, device=device, dtype=torch.float32).expand(batch).contiguous()
     if prev_sample is None:
         from diffusers.utils.torch_utils import randn_tensor  # lazily: `validate` imports this module
@@ -115,7 +123,8 @@ def sde_step(velocity, sample, step_index, sigmas, noise_level, sampler="flow", 
     else:
         noise_or_prev, draw = prev_sample.detach(), False
     core = _core()
-    out = core(velocity, sample, sigma, sigma_next, sigma_for_g, noise_level, noise_or_prev, draw, sampler, logprob)
+    out = core(velocity, sample, sigma, sigma_next, sigma_for_g, sigma_max, sigma_min, noise_level, noise_or_prev,
+               draw, sampler, logprob)
     next_sample, log_prob, mean, std, diffusion, dt, trainable = out
     return StepOutput(next_sample, log_prob, mean, std, diffusion, sigma, sigma_next, dt, trainable)
 

@@ -114,7 +114,7 @@ def test_ref_policy_refresh_copies_the_learner_exactly(use_lora):
     else:
         transformer.requires_grad_(True)
     trainable = set(trainable_state(transformer))
-    ref = flow_dpo.RefPolicy(adapter, transformer, use_lora, (4, 8, adapter.lora_target_modules))
+    ref = flow_dpo.RefPolicy(adapter, use_lora, (4, 8, adapter.lora_target_modules))
     assert set(trainable_state(transformer)) == trainable  # the ref adds nothing trainable
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     sigma, embeds = torch.full((2,), 0.6), adapter.encode_prompts(["a red circle", "two blue squares"])

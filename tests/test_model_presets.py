@@ -185,3 +185,45 @@ def test_every_file_prints_its_recipe_and_writes_config_json(module, gmm_run_dir
     assert recipe["images_per_update"] == recipe["images_per_epoch"] // args["updates_per_epoch"]
     assert recipe["prompts_per_batch"] == args["batch_size"] // args["group_size"]
     assert recipe["learning_rate"] == module.PRESETS["gmm"].learning_rate and recipe["beta"] == args["beta"]
+
+
+# the published recipes of the other model families (ALGORITHMS.md §15.1), spot-checked field by field
+PUBLISHED = {
+    (flow_grpo, "pickscore_flux"): dict(model="flux", mixed_precision="bf16", num_steps=6, eval_num_steps=28,
+                                        sampler="flow", noise_level=0.9, guidance=1.0, group_size=24, batch_size=3,
+                                        batches_per_epoch=12, updates_per_epoch=2, clip_range=1e-4, beta=0.0,
+                                        reward="pickscore"),
+    (flow_grpo, "counting_flux_kontext"): dict(model="flux_kontext", group_size=21, batch_size=3, noise_level=0.9,
+                                               reward="image_similarity=0.5,geneval=0.5"),
+    (flow_grpo, "counting_qwenimage_edit"): dict(model="qwen_image_edit", num_steps=10, eval_num_steps=50,
+                                                 guidance=4.0, noise_level=1.0, group_size=16, batch_size=4, ema=False,
+                                                 reward="image_similarity=0.2,geneval=0.8"),
+    (flow_grpo, "general_ocr_wan2_1"): dict(model="wan", resolution=None, sampler="wan", noise_level=1.0,
+                                            num_steps=20, eval_num_steps=50,
+                                            guidance=4.5, group_size=4, batch_size=8, batches_per_epoch=2,
+                                            learning_rate=1e-4, clip_range=1e-3, beta=0.004, kl_convention="exact",
+                                            global_std=False, reward="video_ocr"),
+    (flow_grpo_fast, "pickscore_flux_fast"): dict(model="flux", sampler="cps", noise_level=0.8, sde_window_size=3,
+                                                  sde_window_range=(0, 3), clip_range=1e-5, global_std=False,
+                                                  reward="pickscore"),
+    (flow_grpo_fast, "geneval_flux_fast"): dict(model="flux", sampler="cps", global_std=True, reward="geneval"),
+    (flow_grpo_fast, "pickscore_qwenimage"): dict(model="qwen_image", sampler="flow", noise_level=1.2, guidance=4.0,
+                                                  sde_window_size=2, sde_window_range=(0, 5), group_size=16,
+                                                  batch_size=4, reward="pickscore"),
+    (flow_grpo_fast, "counting_qwenimage_edit_fast"): dict(model="qwen_image_edit", noise_level=1.5,
+                                                           sde_window_size=4, sde_window_range=(0, 5)),
+}
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
+def test_every_preset_parses_to_itself(module):
+    for name, preset in module.PRESETS.items():
+        args = module.parse_args(["--preset", name])
+        assert dataclasses.replace(args, preset=None) == dataclasses.replace(preset, preset=None), name
+
+
+@pytest.mark.parametrize("key", list(PUBLISHED), ids=lambda k: f"{k[0].__name__}:{k[1]}")
+def test_published_model_presets_carry_the_published_values(key):
+    module, name = key
+    args = module.parse_args(["--preset", name])
+    assert {field: getattr(args, field) for field in PUBLISHED[key]} == PUBLISHED[key]

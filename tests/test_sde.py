@@ -51,7 +51,7 @@ def test_noise_zero_is_exactly_euler(sampler):
 def test_log_prob_is_the_normal_density_mean_over_dims(sampler, step):
     velocity, x = _inputs()
     sigmas = make_sigmas(SD3_SCHEDULE, 10)
-    level = {"flow": 0.7, "cps": 0.8, "dance": 0.3}[sampler]
+    level = {"flow": 0.7, "cps": 0.8, "dance": 0.3, "wan": 1.0}[sampler]
     out = sde_step(velocity, x, step, sigmas, level, sampler, generator=torch.Generator().manual_seed(2))
     std = out.std.view(-1, 1, 1, 1).expand_as(x)
     expected = Normal(out.mean, std).log_prob(out.sample).mean(dim=(1, 2, 3))

@@ -135,6 +135,16 @@ def check_checkpoint(pretrained, required_file="model_index.json", timeout_s=3.0
                                 f"be reached ({type(error).__name__}: {reason}): {local}")
 
 
+def prompt_texts(prompts):
+    """The texts of a batch given as `Prompt` records or plain strings."""
+    return [p if isinstance(p, str) else p.text for p in prompts]
+
+
+def prompt_metadata(prompts):
+    """The metadata dicts of a batch given as `Prompt` records or plain strings ({} for a string)."""
+    return [{} if isinstance(p, str) else p.metadata for p in prompts]
+
+
 class ModelAdapter:
     """Base class; subclasses fill in loading, encoding, the transformer call and decoding."""
 
@@ -189,6 +199,14 @@ class ModelAdapter:
         finally:
             self.transformer.enable_adapters()
 
+    def enable_gradient_checkpointing(self):
+        """`--gradient-checkpointing`: the transformer recomputes each block's activations in the
+        backward pass (diffusers' own switch); a model without it is refused with the flag's name."""
+        if not getattr(self.transformer, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"--gradient-checkpointing: the {self.name} model's transformer "
+                             f"({type(self.transformer).__name__}) does not support it")
+        self.transformer.enable_gradient_checkpointing()
+
     @classmethod
     def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
         raise NotImplementedError
@@ -204,6 +222,8 @@ class ModelAdapter:
         loaded; called by `validate`. Hub models: `check_checkpoint`."""
 
     def encode_prompts(self, prompts) -> PromptEmbeds:
+        """Conditioning for a batch of prompts: `common.data.Prompt` records (text + metadata;
+        editing models read the source image from `metadata["image"]`) or plain strings."""
         raise NotImplementedError
 
     def negative_embeds(self) -> PromptEmbeds:

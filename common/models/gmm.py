@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from common.gmm.world import condition_vectors, parse_prompt
-from common.models.base import ModelAdapter, PromptEmbeds
+from common.models.base import ModelAdapter, PromptEmbeds, prompt_texts
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "gmm" / "weights"
 
@@ -91,7 +91,7 @@ class GMMAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_prompts(self, prompts) -> PromptEmbeds:
-        targets = [parse_prompt(p) if p else None for p in prompts]
+        targets = [parse_prompt(p) if p else None for p in prompt_texts(prompts)]
         return PromptEmbeds(cond=torch.from_numpy(condition_vectors(targets)).to(self.device, self.dtype))
 
     def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
@@ -118,7 +118,7 @@ class GMMAdapter(ModelAdapter):
 
         metrics = {}
         negative = self.negative_embeds() if guidance > 1 else None
-        embeds = self.encode_prompts([p.text for p in prompts])
+        embeds = self.encode_prompts(prompts)
         if self.dim == 2:
             # on an evenly spaced subset of at most KL_SAMPLES (the eval list is grouped by category)
             # (common.evaluate draws image i from the noise of seed + i)

@@ -9,7 +9,7 @@ VAE's scaling and shift factors. The transformer takes 1000·sigma as its timest
 
 import torch
 
-from common.models.base import ModelAdapter, PromptEmbeds, check_checkpoint
+from common.models.base import ModelAdapter, PromptEmbeds, check_checkpoint, prompt_texts
 
 
 def sd3_transformer_call(module, latents, sigma, embeds: PromptEmbeds):
@@ -58,7 +58,7 @@ class SD3Adapter(ModelAdapter):
     @torch.no_grad()
     def encode_prompts(self, prompts) -> PromptEmbeds:
         hidden, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            prompt=prompt_texts(prompts), prompt_2=None, prompt_3=None, device=self.device,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
         return PromptEmbeds(hidden=hidden.to(self.dtype), pooled=pooled.to(self.dtype))
 

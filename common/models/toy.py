@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from common.models.base import ModelAdapter, PromptEmbeds
+from common.models.base import ModelAdapter, PromptEmbeds, prompt_texts
 from common.models.sd3 import sd3_transformer_call
 from common.toy.world import IMAGE_SIZE
 
@@ -66,7 +66,7 @@ class ToyAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_prompts(self, prompts) -> PromptEmbeds:
-        hidden, pooled = self.text_encoder(self.tokenizer(list(prompts)).to(self.device))
+        hidden, pooled = self.text_encoder(self.tokenizer(prompt_texts(prompts)).to(self.device))
         return PromptEmbeds(hidden=hidden.to(self.dtype), pooled=pooled.to(self.dtype))
 
     def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
