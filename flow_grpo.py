@@ -40,6 +40,7 @@ import torch
 
 from common.cli import parse_with_presets
 from common.data import GroupSampler, category_weights, load_prompts
+from common.distributed import check_launch
 from common.models import check_model_inputs, model_recipe
 from common.rewards import parse_reward_spec
 
@@ -248,6 +249,7 @@ def validate(args: Args, num_processes: int = 1):
     """Check everything that can be checked before a model loads; errors say what to change."""
     # the model name, its checkpoint and every prompt against its vocabulary (closed-vocabulary worlds)
     check_model_inputs(args.model, args.pretrained, args.prompts)
+    check_launch(args.fsdp)  # DeepSpeed or accelerate's FSDP plugin: refused, with what to launch instead
     parse_reward_spec(args.reward)
     if args.batch_size < 1 or args.group_size < 1:
         raise ValueError("--batch-size and --group-size must be positive")
@@ -351,9 +353,8 @@ def main(args: Args):
 
     from tqdm.auto import tqdm
 
-    from common.checkpoint import (add_lora, export_lora, load_checkpoint, resolve_resume, restore_training_state,
-                                   rng_states, save_checkpoint, save_transformer, set_rng_states, training_state,
-                                   weights_agree)
+    from common.checkpoint import (add_lora, export_final, load_checkpoint, resolve_resume, restore_training_state,
+                                   rng_states, save_checkpoint, set_rng_states, training_state, weights_agree)
     from common.distributed import shard
     from common.ema import EMA
     from common.evaluate import evaluate
@@ -638,12 +639,9 @@ def main(args: Args):
             # frontier); they run forwards on this process alone, which sharded weights cannot
             adapter.report(output_dir, history, reward_fn, test_prompts, seed=args.seed, num_steps=args.eval_num_steps,
                            guidance=args.eval_guidance, images_per_category=args.eval_images_per_category)
-    context = ema.swapped() if ema is not None else nullcontext()
-    with context:  # every rank: under --fsdp the weights are gathered from the shards, the main process writes
-        if args.use_lora:
-            export_lora(transformer, output_dir / "final", merged=args.export_merged, write=main_process)
-        else:  # full fine-tuning: the whole transformer, loadable with from_pretrained
-            save_transformer(transformer, output_dir / "final" / "transformer", write=main_process)
+    # every rank: under --fsdp the weights are gathered from the shards, the main process writes
+    export_final(transformer, output_dir / "final", ema=ema, use_lora=args.use_lora, merged=args.export_merged,
+                 write=main_process)
     accelerator.end_training()
     return output_dir
 

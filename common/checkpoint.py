@@ -200,6 +200,18 @@ def save_transformer(transformer, directory, write=True):
     return directory
 
 
+def export_final(transformer, directory, *, ema=None, use_lora=True, merged=False, write=True):
+    """The run's final weights, the EMA's when it kept one: the LoRA (`export_lora`) or, fully fine-
+    tuned, the whole transformer (`save_transformer`). Every rank calls it (under `--fsdp` the
+    weights are gathered from the shards); `write` ranks write."""
+    from contextlib import nullcontext
+
+    with ema.swapped() if ema is not None else nullcontext():
+        if use_lora:
+            return export_lora(transformer, directory, merged=merged, write=write)
+        return save_transformer(transformer, Path(directory) / "transformer", write=write)
+
+
 def copy_lora_adapter(transformer, source="default", target="ref"):
     """Copy one peft LoRA adapter's weights into another of the same shape, in place (e.g. the
     learner into the rollout/reference adapter of OnlineDPO); both stay loaded."""

@@ -103,3 +103,24 @@ def full_model_state(model: nn.Module):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def check_launch(fsdp):
+    """Launch settings that cannot work, refused before any model loads (`validate`), from what
+    `accelerate launch` put in the environment: DeepSpeed (any stage), and accelerate's own FSDP
+    plugin in place of `--fsdp`."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "from its config file")
+        # why not: ZeRO-2 keeps the optimizer state partitioned per rank and ZeRO-3 the weights too,
+        # while the checkpoints, the EMA and the LoRA export read full tensors (they would save one
+        # rank's slice, or empty placeholders); on CPU accelerate switches DeepSpeed off
+        raise ValueError(f"DeepSpeed (ZeRO stage {stage}) is not supported: its partitioned optimizer state "
+                         "(ZeRO-2) and weights (ZeRO-3) are not what the checkpoints, EMA and LoRA export read. "
+                         "Launch a plain multi-GPU config (configs/accelerate/multi_gpu.yaml) and pass --fsdp: "
+                         "it shards weights, gradients and optimizer state as ZeRO-3 does and gathers them to save")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError("accelerate's FSDP plugin (--use_fsdp or an FSDP config) is not how these files shard: "
+                         "launch a plain multi-GPU config (configs/accelerate/multi_gpu.yaml) and pass --fsdp"
+                         + (" (already given)" if fsdp else ""))

@@ -135,3 +135,36 @@ def test_fsdp_with_a_merged_export_fails_before_any_model_loads():
     args = flow_grpo.parse_args(["--fsdp", "--export-merged"])
     with pytest.raises(ValueError, match="--export-merged"):
         flow_grpo.validate(args)
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO stage 3.*--fsdp"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "ZeRO stage 2.*--fsdp"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP plugin.*--fsdp")])
+@pytest.mark.parametrize("script", list(FILES))
+def test_unsupported_launches_fail_in_validate_naming_what_to_launch(monkeypatch, script, env, message):
+    """What `accelerate launch --use_deepspeed --zero_stage N` or `--use_fsdp` put in the environment
+    is refused before any model loads, pointing at the tested path."""
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+    args = module.parse_args(["--preset", "gmm"] if script != "flow_opd.py" else ["--preset", "gmm", "--teachers",
+                                                                                   "single=/x", "multi=/y"])
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        module.validate(args)
+
+
+def test_every_accelerate_config_parses_as_its_launch_line_says():
+    """The configs the README's launch lines use, read by accelerate's own loader; cpu_2proc.yaml is
+    the one every test above launches with."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"single_gpu.yaml": ("NO", 1, 1), "multi_gpu.yaml": ("MULTI_GPU", 1, 8),
+                "multi_node.yaml": ("MULTI_GPU", 4, 32), "cpu_2proc.yaml": ("MULTI_GPU", 1, 2)}
+    folder = ROOT / "configs" / "accelerate"
+    assert {p.name for p in folder.glob("*.yaml")} == set(expected)
+    for name, (kind, machines, processes) in expected.items():
+        config = load_config_from_file(str(folder / name))
+        assert (config.distributed_type.value, config.num_machines, config.num_processes) == (kind, machines, processes)

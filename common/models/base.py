@@ -294,3 +294,46 @@ class ModelAdapter:
         from common.sde import make_sigmas
 
         return make_sigmas(self.scheduler_config, num_steps, self.image_seq_len(resolution))
+
+
+class PipelineAdapter(ModelAdapter):
+    """An adapter around a diffusers pipeline (sd3, flux, qwen_image, wan and their editing variants):
+    loaded with `pipeline_class`'s own `from_pretrained` (a user's checkpoint and our tests' tiny
+    pipelines take the same path), text encoders and transformer in the training dtype, the VAE in
+    fp32, every component but the transformer frozen. Subclasses name `pipeline_class` and fill in
+    encoding, the transformer call and decoding."""
+
+    pipeline_class = None  # a diffusers pipeline class name, e.g. "FluxPipeline"
+
+    def __init__(self, pipeline, device="cpu", dtype=torch.float32):
+        self.pipeline = pipeline
+        self.transformer, self.vae = pipeline.transformer, pipeline.vae
+        self.scheduler_config = dict(pipeline.scheduler.config)
+        self.device, self.dtype = torch.device(device), dtype
+        self._negative = None
+
+    @classmethod
+    def check_pretrained(cls, pretrained):
+        check_checkpoint(pretrained or cls.default_pretrained, "model_index.json")
+
+    @classmethod
+    def pipeline_components(cls, pretrained):
+        """Components to load differently from the checkpoint's model_index.json (none by default)."""
+        return {}
+
+    @classmethod
+    def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
+        import diffusers  # here, not at import: `validate` imports adapter classes only
+
+        pretrained = pretrained or cls.default_pretrained
+        pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(pretrained, dtype=dtype,
+                                                                          **cls.pipeline_components(pretrained))
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline.to(device)
+        if dtype != torch.float32:
+            pipeline.vae.to(dtype=torch.float32)  # the VAE encodes and decodes in fp32
+        for name, module in pipeline.components.items():
+            if isinstance(module, torch.nn.Module) and name != "transformer":
+                module.requires_grad_(False).eval()
+        pipeline.transformer.eval()
+        return cls(pipeline, device, dtype)

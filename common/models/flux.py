@@ -15,10 +15,10 @@ import math
 
 import torch
 
-from common.models.base import ModelAdapter, PromptEmbeds, check_checkpoint, prompt_texts
+from common.models.base import PipelineAdapter, PromptEmbeds, prompt_texts
 
 
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(PipelineAdapter):
     name = "flux"
     # the published FLUX recipe (flow_grpo `train_flux*.py`): attention and feed-forward of the
     # double-stream blocks; the single-stream blocks' q/k/v and MLP input (`proj_mlp`). peft
@@ -37,33 +37,8 @@ class FluxAdapter(ModelAdapter):
     eval_batch_size = 16  # the published FLUX recipes' test batch (pickscore_flux)
 
     def __init__(self, pipeline, device="cpu", dtype=torch.float32):
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
-        self.scheduler_config = dict(pipeline.scheduler.config)
-        self.device, self.dtype = torch.device(device), dtype
-        self._negative = None
+        super().__init__(pipeline, device, dtype)
         self._ids = {}
-
-    @classmethod
-    def check_pretrained(cls, pretrained):
-        check_checkpoint(pretrained or cls.default_pretrained, "model_index.json")
-
-    @classmethod
-    def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
-        pretrained = pretrained or cls.default_pretrained
-        import diffusers  # here, not at import: `validate` imports this module
-
-        pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(pretrained, dtype=dtype)
-        pipeline.set_progress_bar_config(disable=True)
-        # text encoders and transformer in the training dtype; the VAE encodes and decodes in fp32
-        pipeline.to(device)
-        if dtype != torch.float32:
-            pipeline.vae.to(dtype=torch.float32)
-        for module in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.vae):
-            module.requires_grad_(False).eval()
-        pipeline.transformer.eval()
-        return cls(pipeline, device, dtype)
 
     @torch.no_grad()
     def encode_prompts(self, prompts) -> PromptEmbeds:

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from common.models.base import ModelAdapter, PromptEmbeds, check_checkpoint, prompt_texts
+from common.models.base import PipelineAdapter, PromptEmbeds, prompt_texts
 
 # LoRA on every attention projection (image and text streams) and both streams' MLPs
 QWEN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -38,7 +38,7 @@ def trimmed(hidden, mask):
     return hidden, (None if bool(mask.all()) else mask)
 
 
-class QwenImageAdapter(ModelAdapter):
+class QwenImageAdapter(PipelineAdapter):
     name = "qwen_image"
     lora_target_modules = QWEN_LORA_TARGETS
     lora_rank, lora_alpha = 64, 128
@@ -47,39 +47,6 @@ class QwenImageAdapter(ModelAdapter):
     negative_prompt = " "  # the published recipes' negative: a single space
     max_sequence_length = 512  # text tokens kept (the pipeline's __call__ default) and the padded length
     pipeline_class = "QwenImagePipeline"
-
-    def __init__(self, pipeline, device="cpu", dtype=torch.float32):
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
-        self.scheduler_config = dict(pipeline.scheduler.config)
-        self.device, self.dtype = torch.device(device), dtype
-        self._negative = None
-
-    @classmethod
-    def check_pretrained(cls, pretrained):
-        check_checkpoint(pretrained or cls.default_pretrained, "model_index.json")
-
-    @classmethod
-    def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
-        import diffusers  # here, not at import: `validate` imports adapter classes only
-
-        pretrained = pretrained or cls.default_pretrained
-        pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(pretrained, dtype=dtype,
-                                                                          **cls.pipeline_components(pretrained))
-        pipeline.set_progress_bar_config(disable=True)
-        pipeline.to(device)
-        if dtype != torch.float32:
-            pipeline.vae.to(dtype=torch.float32)  # the VAE encodes and decodes in fp32
-        for module in (pipeline.text_encoder, pipeline.vae):
-            module.requires_grad_(False).eval()
-        pipeline.transformer.eval()
-        return cls(pipeline, device, dtype)
-
-    @classmethod
-    def pipeline_components(cls, pretrained):
-        """Components to load differently from the checkpoint's model_index.json (none here)."""
-        return {}
 
     @torch.no_grad()
     def encode_prompts(self, prompts) -> PromptEmbeds:

@@ -9,7 +9,7 @@ VAE's scaling and shift factors. The transformer takes 1000·sigma as its timest
 
 import torch
 
-from common.models.base import ModelAdapter, PromptEmbeds, check_checkpoint, prompt_texts
+from common.models.base import PipelineAdapter, PromptEmbeds, prompt_texts
 
 
 def sd3_transformer_call(module, latents, sigma, embeds: PromptEmbeds):
@@ -19,41 +19,13 @@ def sd3_transformer_call(module, latents, sigma, embeds: PromptEmbeds):
                   pooled_projections=embeds.pooled, return_dict=False)[0]
 
 
-class SD3Adapter(ModelAdapter):
+class SD3Adapter(PipelineAdapter):
     name = "sd3"
     lora_rank, lora_alpha = 32, 64
     default_resolution = 512
     max_sequence_length = 128  # T5 tokens, as the published Flow-GRPO recipes train with
     default_pretrained = "stabilityai/stable-diffusion-3.5-medium"  # the published recipes' base (gated on the hub)
-
-    def __init__(self, pipeline, device="cpu", dtype=torch.float32):
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
-        self.scheduler_config = dict(pipeline.scheduler.config)
-        self.device, self.dtype = torch.device(device), dtype
-        self._negative = None
-
-    @classmethod
-    def check_pretrained(cls, pretrained):
-        check_checkpoint(pretrained or cls.default_pretrained, "model_index.json")
-
-    @classmethod
-    def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
-        pretrained = pretrained or cls.default_pretrained
-        from diffusers import StableDiffusion3Pipeline  # here, not at import: the toy adapter imports this module
-
-        pipeline = StableDiffusion3Pipeline.from_pretrained(pretrained, dtype=dtype)
-        pipeline.set_progress_bar_config(disable=True)
-        # text encoders and transformer in the training dtype; the VAE decodes in fp32
-        pipeline.to(device)
-        if dtype != torch.float32:
-            pipeline.vae.to(dtype=torch.float32)
-        for module in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3, pipeline.vae):
-            if module is not None:
-                module.requires_grad_(False).eval()
-        pipeline.transformer.eval()
-        return cls(pipeline, device, dtype)
+    pipeline_class = "StableDiffusion3Pipeline"
 
     @torch.no_grad()
     def encode_prompts(self, prompts) -> PromptEmbeds:

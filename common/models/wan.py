@@ -18,7 +18,7 @@ Resolution: `resolution` is an int (square) or (height, width); None = the publi
 
 import torch
 
-from common.models.base import ModelAdapter, PromptEmbeds, check_checkpoint, prompt_texts
+from common.models.base import PipelineAdapter, PromptEmbeds, prompt_texts
 
 
 def _size(resolution, default):
@@ -30,7 +30,7 @@ def _size(resolution, default):
     return int(height), int(width)
 
 
-class WanAdapter(ModelAdapter):
+class WanAdapter(PipelineAdapter):
     name = "wan"
     # published (flow_grpo train_wan2_1.py): r32/a64 on the SD3 list of names; in the T2V
     # WanTransformer3DModel only attn1/attn2 `to_q/to_k/to_v/to_out.0` exist (the `add_*`
@@ -42,36 +42,12 @@ class WanAdapter(ModelAdapter):
     max_sequence_length = 512
     default_pretrained = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     eval_batch_size = 2  # flow_grpo's Wan test batch; a batch of 33-frame videos is memory-bound
+    pipeline_class = "WanPipeline"
 
     def __init__(self, pipeline, device="cpu", dtype=torch.float32):
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
-        self.scheduler_config = dict(pipeline.scheduler.config)
+        super().__init__(pipeline, device, dtype)
         # UniPCMultistepScheduler (the released checkpoints) truncates its timesteps to int64
         self.integer_timesteps = bool(self.scheduler_config.get("use_flow_sigmas", False))
-        self.device, self.dtype = torch.device(device), dtype
-        self._negative = None
-
-    @classmethod
-    def check_pretrained(cls, pretrained):
-        check_checkpoint(pretrained or cls.default_pretrained, "model_index.json")
-
-    @classmethod
-    def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
-        pretrained = pretrained or cls.default_pretrained
-        from diffusers import WanPipeline
-
-        pipeline = WanPipeline.from_pretrained(pretrained, dtype=dtype)
-        pipeline.set_progress_bar_config(disable=True)
-        # text encoder and transformer in the training dtype; the VAE decodes in fp32 (as published)
-        pipeline.to(device)
-        if dtype != torch.float32:
-            pipeline.vae.to(dtype=torch.float32)
-        for module in (pipeline.text_encoder, pipeline.vae):
-            module.requires_grad_(False).eval()
-        pipeline.transformer.eval()
-        return cls(pipeline, device, dtype)
 
     @torch.no_grad()
     def encode_prompts(self, prompts) -> PromptEmbeds:
