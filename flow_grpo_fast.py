@@ -402,7 +402,7 @@ def main(args: Args):
 
     from common.checkpoint import (add_lora, export_final, load_checkpoint, resolve_resume, restore_training_state,
                                    rng_states, save_checkpoint, set_rng_states, training_state, weights_agree)
-    from common.distributed import shard
+    from common.distributed import prepare, shard_for_training
     from common.ema import EMA
     from common.evaluate import evaluate
     from common.models import load_adapter
@@ -439,17 +439,11 @@ def main(args: Args):
     for p in params:  # trainable weights in fp32 under autocast
         p.data = p.data.float()
     if args.fsdp:  # FSDP2: every block sharded over the processes (common/distributed.py); its weights are now DTensors
-        shard(transformer, param_dtype=weight_dtype)
-        if adapter.frozen_base is not None:
-            shard(adapter.frozen_base, param_dtype=weight_dtype)
-        params = [p for p in transformer.parameters() if p.requires_grad]
+        params = shard_for_training(adapter, weight_dtype)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   eps=1e-8)
     accelerator.gradient_accumulation_steps = args.grad_accumulation
-    if args.fsdp:  # FSDP reduce-scatters the gradients itself: accelerate wraps only the optimizer
-        wrapped, optimizer = transformer, accelerator.prepare(optimizer)
-    else:
-        wrapped, optimizer = accelerator.prepare(transformer, optimizer)
+    wrapped, optimizer = prepare(accelerator, transformer, optimizer, sharded=args.fsdp)  # DDP, or FSDP's own
     adapter.wrap(wrapped)
     ema = EMA(params, update_every=args.ema_every) if args.ema else None
 

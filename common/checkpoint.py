@@ -73,13 +73,14 @@ def weights_agree(accelerator, params):
     position-weighted sum), gathered and compared exactly. Ranks that stop synchronising (a model
     never wrapped for DDP, a rank that skips a step) show up at the next epoch, not as a silently
     worse curve."""
-    if accelerator.num_processes == 1:
-        return 1.0
-    from common.distributed import full_tensor
+    from torch.distributed.tensor import DTensor
 
-    # sharded (FSDP) weights agree by construction per shard; the fingerprint of their full values
-    # still catches a rank whose shards diverged from what the others gathered
-    flat = torch.cat([full_tensor(p.detach()).double().flatten().cpu() for p in params])
+    # sharded (--fsdp): each weight lives on one rank and every rank all-gathers it from there, so
+    # there is no second copy to disagree with (a fingerprint of the gathered weights is equal on
+    # every rank by construction, and would cost an all-gather of every trainable weight)
+    if accelerator.num_processes == 1 or any(isinstance(p, DTensor) for p in params):
+        return 1.0
+    flat = torch.cat([p.detach().double().flatten().cpu() for p in params])
     positions = torch.arange(len(flat), dtype=torch.float64).mul_(0.618).sin_()
     fingerprint = torch.stack([flat.sum(), (flat * flat).sum(), (flat * positions).sum()])
     gathered = accelerator.gather(fingerprint[None].to(accelerator.device)).cpu()

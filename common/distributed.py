@@ -52,6 +52,25 @@ def broadcast_from_main(module: nn.Module):
             dist.broadcast(tensor.data, src=0)
 
 
+def shard_for_training(adapter, param_dtype, *others):
+    """`--fsdp`: shard the adapter's transformer, its frozen base copy (full fine-tuning with a KL)
+    and any `others` (flow_dpo's ref copy); returns the trainable parameters, now DTensors, which
+    the optimizer must be built on."""
+    for module in (adapter.transformer, adapter.frozen_base, *others):
+        if module is not None:
+            shard(module, param_dtype=param_dtype)
+    return [p for p in adapter.transformer.parameters() if p.requires_grad]
+
+
+def prepare(accelerator, transformer, optimizer, sharded):
+    """(the module forwards go through, the optimizer) from `accelerator.prepare`: DDP-wrapped, or,
+    sharded, the transformer itself (FSDP reduce-scatters its gradients; accelerate wraps only the
+    optimizer)."""
+    if sharded:
+        return transformer, accelerator.prepare(optimizer)
+    return accelerator.prepare(transformer, optimizer)
+
+
 def is_sharded(module: nn.Module):
     from torch.distributed.fsdp import FSDPModule
 
@@ -68,7 +87,7 @@ def full_tensor(value):
 def full_state(state: dict):
     """{name: tensor} with every DTensor gathered to its full value, detached on the CPU. Call on
     every rank (collectives), in the same order."""
-    return {name: full_tensor(value.detach()).cpu().clone() for name, value in state.items()}
+    return {name: full_tensor(value.detach()).to("cpu", copy=True) for name, value in state.items()}
 
 
 def load_full_state(named_params: dict, state: dict):

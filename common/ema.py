@@ -44,7 +44,7 @@ class EMA:
         """Full tensors (gathered from the shards under FSDP: every rank calls it)."""
         from common.distributed import full_tensor
 
-        return {"shadow": [full_tensor(s).cpu().clone() for s in self.shadow], "max_decay": self.max_decay,
+        return {"shadow": [full_tensor(s).to("cpu", copy=True) for s in self.shadow], "max_decay": self.max_decay,
                 "update_every": self.update_every}
 
     @torch.no_grad()
