@@ -207,10 +207,19 @@ def export_final(transformer, directory, *, ema=None, use_lora=True, merged=Fals
     weights are gathered from the shards); `write` ranks write."""
     from contextlib import nullcontext
 
+    import torch.distributed as dist
+
     with ema.swapped() if ema is not None else nullcontext():
         if use_lora:
-            return export_lora(transformer, directory, merged=merged, write=write)
-        return save_transformer(transformer, Path(directory) / "transformer", write=write)
+            out = export_lora(transformer, directory, merged=merged, write=write)
+        else:
+            out = save_transformer(transformer, Path(directory) / "transformer", write=write)
+    # the ranks leave together: one tearing its process group down while the main one still writes
+    # aborted a 2-process gloo run at exit ("terminate called without an active exception", once in
+    # five fully fine-tuned --fsdp runs, after every file was written)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return out
 
 
 def copy_lora_adapter(transformer, source="default", target="ref"):
