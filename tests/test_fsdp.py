@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 import flow_grpo
+from common.distributed import OUTLIVED
 from common.outputs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ def launch(script, out, *flags, processes=2):
     result = subprocess.run([*command, *flags, "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert OUTLIVED not in result.stderr  # every rank freed its process group before teardown
     return read_metrics(out / "metrics.jsonl")
 
 
@@ -93,13 +95,24 @@ def test_sharded_flow_grpo_equals_replicated_and_one_process_and_resumes_bitwise
 def test_every_file_runs_sharded_with_the_replicated_result(tmp_path, script, teacher):
     """Each file's loop under --fsdp: same prompts on both ranks, on-policy first micro-step, and
     the LoRA a DDP run writes (flow_dpo's: its ref adapter is sharded too; flow_opd's: its teachers)."""
-    flags = [*GMM, *PER_PROCESS, *file_flags(script, teacher), "--num-epochs", "1"]
-    check_records(script, launch(script, tmp_path / "fsdp", *flags, "--fsdp"), epochs=1)
-    launch(script, tmp_path / "ddp", *flags)
+    flags = [*GMM, *PER_PROCESS, *file_flags(script, teacher)]
+    check_records(script, launch(script, tmp_path / "fsdp", *flags, "--fsdp", "--num-epochs", "1"), epochs=1)
+    launch(script, tmp_path / "ddp", *flags, "--num-epochs", "1")
     assert max_difference(lora(tmp_path / "fsdp"), lora(tmp_path / "ddp")) <= 1e-6
+    # resume under --fsdp (the saved full state scattered back into the shards, the optimizer's too)
+    # continues bitwise as the run that never stopped
+    resumed = launch(script, tmp_path / "fsdp", *flags, "--fsdp", "--resume", "latest")
+    straight = launch(script, tmp_path / "straight", *flags, "--fsdp")
+    check_records(script, straight)
+    logged = [k for k in straight[1] if k.startswith(("train/", "reward/")) and isinstance(straight[1][k], float)]
+    assert logged and len(resumed) == len(straight) == 2
+    assert all(a[k] == b[k] or a[k] != a[k] and b[k] != b[k] for a, b in zip(resumed, straight) for k in logged)
+    assert max_difference(lora(tmp_path / "fsdp"), lora(tmp_path / "straight")) == 0.0
 
 
-@pytest.mark.parametrize("script", ["flow_grpo.py", "flow_dpo.py"])  # flow_dpo: its frozen ref copy sharded too
+# flow_dpo: its frozen ref copy is sharded too; flow_opd trains a LoRA student only (its teachers are
+# LoRAs on the same base), so it has no full fine-tuning
+@pytest.mark.parametrize("script", ["flow_grpo.py", "flow_grpo_fast.py", "grpo_guard.py", "flow_dpo.py"])
 def test_sharded_full_finetuning_equals_replicated(tmp_path, script, teacher):
     from common.gmm.model import GMMVelocityNet
 
