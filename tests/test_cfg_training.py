@@ -165,3 +165,27 @@ def test_flow_dpo_trains_without_cfg(tmp_path, training_calls):
             "--num-steps", "2", "--guidance", "4.0", "--output-dir", str(tmp_path / "dpo")]
     flow_dpo.main(flow_dpo.parse_args(argv))
     assert training_calls == [] and not hasattr(flow_dpo.Args, "train_cfg_detach_uncond")
+
+
+def test_cfg_conditioning_is_built_once_per_pair_and_never_reused_for_another():
+    """`cfg_embeds` caches [negative; embeds] for the pair a rollout passes at every step: the same
+    pair gets the same object back (no per-step concatenation), and any other pair (a new batch,
+    a training minibatch) gets its own, so the velocity is the uncached one either way."""
+    from common.models.base import PromptEmbeds
+
+    adapter = load_adapter("toy")
+    texts = [p.text for p in load_prompts("toy", "train")[:4]]
+    negative = adapter.negative_embeds()
+    first, second = adapter.encode_prompts(texts[:2]), adapter.encode_prompts(texts[2:])
+    both = adapter.cfg_embeds(first, negative)
+    assert adapter.cfg_embeds(first, negative) is both
+    assert adapter.cfg_embeds(second, negative) is not both
+    x = torch.randn(adapter.latent_shape(2), generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((2,), 0.5)
+    with torch.no_grad():
+        for embeds in (first, second, first[[1, 0]]):
+            direct = adapter.transformer_forward(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                                 PromptEmbeds.cat([negative.repeat(2), embeds]))
+            uncond, cond = direct.float().chunk(2)
+            expected = uncond + GUIDANCE * (cond - uncond)
+            assert torch.equal(adapter.predict_velocity(x, sigma, embeds, negative, GUIDANCE), expected)

@@ -248,13 +248,27 @@ class ModelAdapter:
         latents = latents.to(self.dtype)
         sigma = sigma.to(latents.device).float().expand(latents.shape[0])
         if guidance > 1 and negative is not None:
-            if len(negative) == 1:
-                negative = negative.repeat(latents.shape[0])
             both = self.transformer_forward(torch.cat([latents, latents]), torch.cat([sigma, sigma]),
-                                            PromptEmbeds.cat([negative, embeds]))
+                                            self.cfg_embeds(embeds, negative))
             uncond, cond = both.float().chunk(2)
             return self.combine_guidance(uncond.detach() if detach_uncond else uncond, cond, guidance)
         return self.transformer_forward(latents, sigma, embeds).float()
+
+    def cfg_embeds(self, embeds: PromptEmbeds, negative: PromptEmbeds) -> PromptEmbeds:
+        """[negative; embeds], the conditioning of the batched CFG forward. A rollout (and a training
+        pass over one minibatch) calls `predict_velocity` with the same pair at every denoising step,
+        so the concatenation is built once per pair and reused (PromptEmbeds is immutable; the cache
+        holds the pair itself, so an identity match cannot be a recycled id)."""
+        cached = getattr(self, "_cfg_cache", None)
+        if cached is not None and cached[0] is embeds and cached[1] is negative:
+            return cached[2]
+        both = PromptEmbeds.cat([self.pair_negative(embeds, negative), embeds])
+        self._cfg_cache = (embeds, negative, both)
+        return both
+
+    def pair_negative(self, embeds: PromptEmbeds, negative: PromptEmbeds) -> PromptEmbeds:
+        """The negative conditioning row by row with `embeds` (a batch-1 negative is repeated)."""
+        return negative.repeat(len(embeds)) if len(negative) == 1 else negative
 
     def combine_guidance(self, uncond, cond, guidance):
         return uncond + guidance * (cond - uncond)

@@ -80,10 +80,7 @@ class FluxKontextAdapter(FluxAdapter):
         ids = torch.cat([self.position_ids(side, side), self.position_ids(height // 2, width // 2, first=1.0)])
         return self.flux_call(torch.cat([latents, packed], dim=1), sigma, embeds, ids)[:, :tokens]
 
-    def predict_velocity(self, latents, sigma, embeds: PromptEmbeds, negative: PromptEmbeds = None, guidance=1.0,
-                         detach_uncond=False):
-        if guidance > 1 and negative is not None:
-            if len(negative) == 1:
-                negative = negative.repeat(len(embeds))
-            negative = PromptEmbeds(**{**negative.fields(), "reference": embeds.reference})
-        return super().predict_velocity(latents, sigma, embeds, negative, guidance, detach_uncond)
+    def pair_negative(self, embeds: PromptEmbeds, negative: PromptEmbeds) -> PromptEmbeds:
+        """The unconditional half sees each sample's own reference image."""
+        negative = super().pair_negative(embeds, negative)
+        return PromptEmbeds(**{**negative.fields(), "reference": embeds.reference})

@@ -95,15 +95,13 @@ class QwenImageEditAdapter(QwenImageAdapter):
             self._negative = PromptEmbeds(negative_from_each_prompt=torch.ones(1))
         return self._negative
 
-    def predict_velocity(self, latents, sigma, embeds: PromptEmbeds, negative: PromptEmbeds = None, guidance=1.0,
-                         detach_uncond=False):
-        if guidance > 1 and negative is not None:
-            if "negative_from_each_prompt" not in negative.fields():
-                raise ValueError("qwen_image_edit encodes its negative prompt with each source image: pass "
-                                 "adapter.negative_embeds(), not another encoding")
-            fields = embeds.fields()
-            negative = PromptEmbeds(**{**fields, "hidden": fields["neg_hidden"], "mask": fields["neg_mask"]})
-        return super().predict_velocity(latents, sigma, embeds, negative, guidance, detach_uncond)
+    def pair_negative(self, embeds: PromptEmbeds, negative: PromptEmbeds) -> PromptEmbeds:
+        """The negative " " was encoded with each prompt's source image, into `embeds` itself."""
+        if "negative_from_each_prompt" not in negative.fields():
+            raise ValueError("qwen_image_edit encodes its negative prompt with each source image: pass "
+                             "adapter.negative_embeds(), not another encoding")
+        fields = embeds.fields()
+        return PromptEmbeds(**{**fields, "hidden": fields["neg_hidden"], "mask": fields["neg_mask"]})
 
     def transformer_forward(self, latents, sigma, embeds: PromptEmbeds):
         num_tokens, source = latents.shape[1], embeds.image_latents
