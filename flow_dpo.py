@@ -39,7 +39,7 @@ import dataclasses
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -141,6 +141,9 @@ class Args:
     """CFG scale for evaluation"""
     eval_images_per_category: int = 64
     """evaluation images per category (GenEval tags), or in total for plain prompts"""
+    eval_train: bool = False
+    """also evaluate on the training prompts (`eval/train/...`, seeds no rollout draws), beside the test
+    prompts (`eval/...`): learning in distribution next to generalisation (on in the toy preset)"""
 
     # ---- algorithm
     algorithm: Literal["dpo", "sft"] = "dpo"
@@ -206,7 +209,7 @@ PRESETS = {
     "gmm_online_sft": Args(**_GMM, exp_name="online_sft_gmm", output_dir="runs/online_sft_gmm", algorithm="sft",
                            beta=0.0, batch_size=256, group_size=16, batches_per_epoch=1, updates_per_epoch=1,
                            learning_rate=1e-3),
-    "toy": Args(),
+    "toy": Args(eval_train=True),
     "online_dpo": Args(exp_name="online_dpo", output_dir="runs/online_dpo"),
     "dpo": Args(exp_name="dpo", output_dir="runs/dpo", ref_update_every=None),
     "online_sft": Args(exp_name="online_sft", output_dir="runs/online_sft", algorithm="sft", beta=0.0),
@@ -442,7 +445,7 @@ def main(args: Args):
                                    rng_states, save_checkpoint, set_rng_states, training_state, weights_agree)
     from common.distributed import prepare, shard_for_training
     from common.ema import EMA
-    from common.evaluate import evaluate
+    from common.evaluate import evaluate_in_loop
     from common.models import load_adapter
     from common.outputs import MetricsLog, plot_curves, read_metrics, write_recipe
     from common.rewards import MultiReward, collect_rewards, gather_reward_metrics
@@ -513,18 +516,9 @@ def main(args: Args):
     rollout_sde = dict(sampler=args.sampler, noise_level=args.noise_level, num_steps=args.num_steps,
                        guidance=args.guidance)
 
-    def run_eval(epoch):
-        context = ema.swapped() if ema is not None else nullcontext()
-        with context:
-            bar = tqdm(desc=f"eval {epoch}", unit="img", disable=not main_process, leave=False)
-            picture = (output_dir / "grids" / f"eval_epoch{epoch:04d}.png"
-                       if main_process and args.grid_every and epoch % args.grid_every == 0 else None)
-            metrics, _, _ = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
-                                     guidance=args.eval_guidance, seed=args.seed,
-                                     images_per_category=args.eval_images_per_category, resolution=args.resolution,
-                                     progress=bar, picture=picture, sde=rollout_sde)
-            bar.close()
-        return metrics
+    def run_eval(epoch):  # ODE samples of the test prompts (eval/...) and, with --eval-train, the training ones
+        return evaluate_in_loop(adapter, reward_fn, test_prompts, train_prompts if args.eval_train else None, args,
+                                epoch=epoch, ema=ema, output_dir=output_dir, main_process=main_process, sde=rollout_sde)
 
     def draw_noise(count, generator):
         """eps ~ N(0, I) and sigma = shift(u), u ~ logit-normal, one per row (CPU generator)."""

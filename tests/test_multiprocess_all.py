@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 import flow_grpo
-from common.distributed import OUTLIVED
 from common.outputs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +36,6 @@ def test_two_processes_agree_on_prompts_groups_and_weights(tmp_path, script, tea
     result = subprocess.run([*LAUNCH, script, *TINY, *extra, "--output-dir", str(out)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert OUTLIVED not in result.stderr  # every rank freed its process group before teardown
     records = [r for r in read_metrics(out / "metrics.jsonl") if "dist/num_processes" in r]
     assert len(records) == 2
     for record in records:
@@ -62,7 +60,6 @@ def test_two_process_flow_grpo_equals_one_process_on_the_same_batch(tmp_path):
         result = subprocess.run([*launch, "flow_grpo.py", *common, "--batch-size", batch, "--output-dir",
                                  str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert OUTLIVED not in result.stderr  # every rank freed its process group before teardown
     one, two = (load_file(str(tmp_path / n / "final" / "peft" / "adapter_model.safetensors")) for n in ("one", "two"))
     moved = max(one[k].abs().max().item() for k in one if "lora_B" in k)  # B starts at 0
     difference = max((one[k] - two[k]).abs().max().item() for k in one)
