@@ -1,9 +1,10 @@
 """The toy world's adapter (`--model toy`): the embedded base model, loaded offline.
 
-Same interface and the same `SD3Transformer2DModel` class as the sd3 adapter, but the
-"latent" is the 3x32x32 image in [-1, 1] and the text encoder is the tiny word-level one of
-`common.toy.model`. Without `--pretrained` it loads the committed weights in
-`common/toy/weights/` (see the card there).
+Same interface and the same `SD3Transformer2DModel` class as the sd3 adapter; the text encoder
+is the word-level one of `common.toy.model`. A model directory with a `vae/` samples that VAE's
+4x8x8 latent (`common.toy.vae`, decoded in fp32 like SD3's VAE: `--pretrained
+common/toy/weights_latent`); without one the "latent" is the 3x32x32 image in [-1, 1]. Without
+`--pretrained` it loads the committed pixel-space base in `common/toy/weights/` (see the cards).
 """
 
 from pathlib import Path
@@ -18,6 +19,7 @@ from common.toy.world import IMAGE_SIZE
 # check prompts, and importing diffusers takes seconds
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "toy" / "weights"
+LATENT_WEIGHTS_DIR = WEIGHTS_DIR.with_name("weights_latent")
 
 
 class ToyAdapter(ModelAdapter):
@@ -26,10 +28,10 @@ class ToyAdapter(ModelAdapter):
     default_resolution = IMAGE_SIZE
     default_pretrained = str(WEIGHTS_DIR)  # committed (the card in that directory)
 
-    def __init__(self, transformer, text_encoder, device="cpu", dtype=torch.float32):
+    def __init__(self, transformer, text_encoder, vae, device="cpu", dtype=torch.float32):
         from common.toy.model import SCHEDULER_CONFIG, WordTokenizer
 
-        self.transformer, self.text_encoder = transformer, text_encoder
+        self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
         self.tokenizer = WordTokenizer()
         self.scheduler_config = dict(SCHEDULER_CONFIG)
         self.device, self.dtype = torch.device(device), dtype
@@ -48,21 +50,25 @@ class ToyAdapter(ModelAdapter):
     @classmethod
     def check_pretrained(cls, pretrained):
         directory = Path(pretrained or cls.default_pretrained)
-        if not (directory / "transformer").is_dir():
+        if not all((directory / part).is_dir() for part in ("transformer", "text_encoder")):
             raise FileNotFoundError(f"--pretrained {directory}: no toy model there (expected transformer/ and "
-                                    "text_encoder/; create one with `python -m common.toy.pretrain`)")
+                                    "text_encoder/, and vae/ for a latent one; create one with "
+                                    "`python -m common.toy.pretrain`)")
 
     @classmethod
     def load(cls, pretrained=None, device="cpu", dtype=torch.float32):
         cls.check_pretrained(pretrained)
         directory = Path(pretrained or cls.default_pretrained)
-        from diffusers import SD3Transformer2DModel
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
 
         from common.toy.model import ToyTextEncoder
 
         transformer = SD3Transformer2DModel.from_pretrained(directory / "transformer", dtype=dtype).to(device).eval()
         text_encoder = ToyTextEncoder.from_pretrained(directory / "text_encoder").to(device).requires_grad_(False)
-        return cls(transformer, text_encoder, device, dtype)
+        vae = None
+        if (directory / "vae").is_dir():
+            vae = AutoencoderKL.from_pretrained(directory / "vae").to(device).eval().requires_grad_(False)
+        return cls(transformer, text_encoder, vae, device, dtype)
 
     @torch.no_grad()
     def encode_prompts(self, prompts) -> PromptEmbeds:
@@ -73,9 +79,15 @@ class ToyAdapter(ModelAdapter):
         return sd3_transformer_call(self.forward_module, latents, sigma, embeds)
 
     def decode(self, latents):
-        from common.toy.model import latents_to_images
+        if self.vae is None:
+            from common.toy.model import latents_to_images
 
-        return latents_to_images(latents)
+            return latents_to_images(latents)
+        from common.toy.vae import decode
+
+        with torch.no_grad():
+            return torch.cat([decode(self.vae, chunk.float()) for chunk in latents.split(256)])
 
     def latent_shape(self, batch, resolution=None):
-        return (batch, 3, IMAGE_SIZE, IMAGE_SIZE)
+        config = self.transformer.config
+        return (batch, config.in_channels, config.sample_size, config.sample_size)

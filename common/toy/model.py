@@ -1,9 +1,15 @@
 """The toy world's networks: a word-level tokenizer over the closed vocabulary, a tiny text
-encoder, and a diffusers `SD3Transformer2DModel` working directly in pixel space.
+encoder, and a diffusers `SD3Transformer2DModel`, in one of two spaces:
+
+- pixel space (the committed default base, `common/toy/weights/`): the "latent" is the image
+  itself mapped to [-1, 1] (3 x 32 x 32, patch 4: 64 tokens);
+- latent space (`common/toy/weights_latent/`): the 4 x 8 x 8 latent of the toy VAE
+  (`common.toy.vae`) with SD3's patch size 2 (16 image tokens), decoded by the VAE before the
+  reward, the shape of a real latent pipeline. It samples 256 values instead of 3,072 (the
+  policy gradient's noise grows with the sampled dimension: docs/gradient_snr.md).
 
 The transformer is the same class as SD3's, so LoRA targets, the adapter code path and the
-export format are the real ones. The "latent" is the image itself mapped to [-1, 1]
-(3 x 32 x 32, patch 4: 64 tokens), which keeps a training step cheap on a CPU.
+export format are the real ones.
 """
 
 import json
@@ -14,6 +20,7 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.toy.vae import LATENT_CHANNELS, LATENT_SIZE
 from common.toy.world import IMAGE_SIZE, VOCAB
 
 MAX_TOKENS = 16
@@ -22,6 +29,10 @@ TRANSFORMER_CONFIG = dict(
     sample_size=IMAGE_SIZE, patch_size=4, in_channels=3, out_channels=3, num_layers=4,
     attention_head_dim=32, num_attention_heads=4, joint_attention_dim=TEXT_WIDTH,
     caption_projection_dim=128, pooled_projection_dim=TEXT_WIDTH, pos_embed_max_size=IMAGE_SIZE // 4,
+)
+LATENT_TRANSFORMER_CONFIG = dict(
+    TRANSFORMER_CONFIG, sample_size=LATENT_SIZE, patch_size=2, in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS, pos_embed_max_size=LATENT_SIZE // 2,
 )
 # the schedule the toy model samples with (a FlowMatchEulerDiscreteScheduler config)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
@@ -83,9 +94,9 @@ class ToyTextEncoder(nn.Module):
         return model.eval()
 
 
-def build_transformer(seed=0):
+def build_transformer(seed=0, latent=False):
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+    return SD3Transformer2DModel(**(LATENT_TRANSFORMER_CONFIG if latent else TRANSFORMER_CONFIG))
 
 
 def images_to_latents(images):

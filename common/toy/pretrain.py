@@ -1,14 +1,18 @@
 """Pretrain the toy world's base model: `python -m common.toy.pretrain`.
 
-Rectified-flow matching on rendered scenes of the *train* split's prompts only (test prompts
-stay unseen, so test accuracy measures compositional generalisation): x_s = (1 - s)·x0 + s·eps,
+Rectified-flow matching on rendered scenes of the *train* split's prompts only (test prompts stay
+unseen, so test accuracy measures compositional generalisation), in pixel space (x0 = the render
+in [-1, 1], the committed default base) or, with `--vae`, on the frozen toy VAE's latents
+(x0 = encode(render), `common/toy/weights_latent/`): x_s = (1 - s)·x0 + s·eps,
 target v = eps - x0, s ~ logit-normal(0, 1) as in SD3, 10 % caption dropout for CFG. The text
 encoder trains jointly. AdamW with warm-up and cosine decay; a snapshot every `save_every` steps
-so the base can be chosen by its accuracy (see `common/toy/weights/README.md`).
+so the base can be chosen by its accuracy (see the cards in `common/toy/weights*/README.md`). With
+`--vae`, each snapshot holds the VAE too, so it is a whole model directory for `--pretrained`.
 """
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ import torch
 import tyro
 
 from common.toy.model import ToyTextEncoder, WordTokenizer, build_transformer, images_to_latents
+from common.toy.vae import encode
 from common.toy.world import TAGS, render_prompt, split_prompts
 
 
@@ -41,6 +46,9 @@ class Args:
     threads: int = 2
     init_from: Optional[str] = None
     """continue from a snapshot directory (weights only; a fresh warm-up + cosine schedule)"""
+    vae: Optional[str] = None
+    """sample the latents of this frozen toy VAE (`python -m common.toy.vae` trains one; the latent
+    base used common/toy/weights_latent/vae) instead of pixels"""
 
 
 def sample_batch(train_by_tag, batch_size, rng):
@@ -53,8 +61,9 @@ def sample_batch(train_by_tag, batch_size, rng):
     return torch.from_numpy(images), [meta["prompt"] for meta in metas]
 
 
-def flow_matching_loss(transformer, text_encoder, tokenizer, images, prompts, generator, caption_dropout):
-    x0 = images_to_latents(images)
+def flow_matching_loss(transformer, text_encoder, tokenizer, vae, images, prompts, generator, caption_dropout):
+    with torch.no_grad():
+        x0 = images_to_latents(images) if vae is None else encode(vae, images)
     noise = torch.randn(x0.shape, generator=generator)
     sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
     drop = torch.rand(x0.shape[0], generator=generator) < caption_dropout
@@ -65,10 +74,12 @@ def flow_matching_loss(transformer, text_encoder, tokenizer, images, prompts, ge
     return ((prediction - (noise - x0)) ** 2).mean()
 
 
-def save_snapshot(directory, transformer, text_encoder, meta):
+def save_snapshot(directory, transformer, text_encoder, vae_dir, meta):
     tmp = Path(str(directory) + ".tmp")
     transformer.save_pretrained(tmp / "transformer")
     text_encoder.save_pretrained(tmp / "text_encoder")
+    if vae_dir is not None:
+        shutil.copytree(vae_dir, tmp / "vae")
     (tmp / "pretrain.json").write_text(json.dumps(meta, indent=2))
     tmp.rename(directory)
 
@@ -80,12 +91,18 @@ def main(args: Args):
     generator = torch.Generator().manual_seed(args.seed)
     train, _ = split_prompts()
     train_by_tag = {tag: [m for m in train if m["tag"] == tag] for tag in TAGS}
-    transformer, text_encoder, tokenizer = build_transformer(args.seed), ToyTextEncoder(), WordTokenizer()
+    transformer = build_transformer(args.seed, latent=bool(args.vae))
+    text_encoder, tokenizer = ToyTextEncoder(), WordTokenizer()
     if args.init_from:
         from diffusers import SD3Transformer2DModel
 
         transformer = SD3Transformer2DModel.from_pretrained(Path(args.init_from) / "transformer")
         text_encoder = ToyTextEncoder.from_pretrained(Path(args.init_from) / "text_encoder")
+    vae = None
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
     transformer.train()
     text_encoder.train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
@@ -105,7 +122,7 @@ def main(args: Args):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         images, prompts = sample_batch(train_by_tag, args.batch_size, rng)
-        loss = flow_matching_loss(transformer, text_encoder, tokenizer, images, prompts, generator,
+        loss = flow_matching_loss(transformer, text_encoder, tokenizer, vae, images, prompts, generator,
                                   args.caption_dropout)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,7 +140,7 @@ def main(args: Args):
         if (step + 1) % args.save_every == 0 or done:
             meta = dict(vars(args), steps_done=step + 1, minutes=round(elapsed, 2))
             transformer.eval(), text_encoder.eval()
-            save_snapshot(out / f"step_{step + 1:06d}", transformer, text_encoder, meta)
+            save_snapshot(out / f"step_{step + 1:06d}", transformer, text_encoder, args.vae, meta)
             transformer.train(), text_encoder.train()
         if done:
             break
