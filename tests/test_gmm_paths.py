@@ -17,6 +17,11 @@ import grpo_guard
 from common.outputs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
+# |ratio - 1| of an on-policy micro-step: fp32 rounding only. Rollouts score 128 samples per forward and
+# training re-scores micro-batches, whose matmuls may round differently by CPU: 1.67e-6 measured on one
+# 2-core host (at 074356b too, where 1e-6 had passed on another), so 1e-5: the clip range these tests set,
+# which the off-policy micro-steps exceed (clipfrac ~0.5 measured) and the on-policy ones must not
+ON_POLICY_TOL = 1e-5
 SHORT = ["--preset", "gmm", "--track", "none", "--max-minutes", "None", "--eval-every", "0", "--save-every", "100"]
 
 
@@ -29,7 +34,7 @@ def test_off_policy_micro_steps_clip_when_the_clip_range_is_small(tmp_path):
     off_policy = ["--num-epochs", "3", "--batch-size", "128", "--batches-per-epoch", "2", "--updates-per-epoch", "2"]
     tight = run(tmp_path, "tight", *off_policy, "--clip-range", "1e-5")
     loose = run(tmp_path, "loose", *off_policy, "--clip-range", "10")
-    assert all(r["train/ratio_dev_max"] <= 1e-6 for r in tight)  # the first update of each epoch is on-policy
+    assert all(r["train/ratio_dev_max"] <= ON_POLICY_TOL for r in tight)  # the first update of each epoch is on-policy
     assert np.mean([r["train/clipfrac"] for r in tight]) > 0.1
     assert all(r["train/clipfrac"] == 0 for r in loose)
 
@@ -79,7 +84,7 @@ def test_no_train_cfg_is_exact_without_rollout_cfg_and_reports_the_mismatch_with
 
 def test_several_inner_epochs_go_off_policy(tmp_path):
     records = run(tmp_path, "inner", "--num-epochs", "2", "--num-inner-epochs", "2", "--clip-range", "1e-5")
-    assert all(r["train/ratio_dev_max"] <= 1e-6 for r in records)  # only the first pass is on-policy
+    assert all(r["train/ratio_dev_max"] <= ON_POLICY_TOL for r in records)  # only the first pass is on-policy
     assert all(r["train/clipfrac"] > 0 for r in records)  # the second pass scores updated weights
 
 
