@@ -61,6 +61,14 @@ def sample_batch(train_by_tag, batch_size, rng):
     return torch.from_numpy(images), [meta["prompt"] for meta in metas]
 
 
+def warmup_cosine(step, peak, warmup_steps, steps, floor):
+    """Linear warm-up to `peak`, then cosine decay to `floor`·peak at `steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def flow_matching_loss(transformer, text_encoder, tokenizer, vae, images, prompts, generator, caption_dropout):
     with torch.no_grad():
         x0 = images_to_latents(images) if vae is None else encode(vae, images)
@@ -109,10 +117,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     def lr_at(step):
-        if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, args.lr, args.warmup_steps, args.steps, floor=0.05)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from common.models import load_adapter
 from common.models.toy import LATENT_WEIGHTS_DIR as WEIGHTS_DIR
 from common.outputs import save_grid
 from common.rewards import MultiReward, parse_reward_spec
-from common.toy.model import TRANSFORMER_CONFIG
+from common.toy.model import LATENT_TRANSFORMER_CONFIG as TRANSFORMER_CONFIG
 from common.toy.vae import LATENT_CHANNELS, LATENT_SIZE
 from common.toy.world import TAGS
 
@@ -81,7 +81,7 @@ like SD3's at toy scale:
   decode(encode(render)) is right for {recon['train']:.3f} (train prompts) / {recon['test']:.3f} (test prompts)
   of the renders (2 per prompt): the reward sees what the latent can express.
 - transformer: diffusers `SD3Transformer2DModel` on the latent ({TRANSFORMER_CONFIG['num_layers']} layers, patch
-  {TRANSFORMER_CONFIG['patch_size']}, width {TRANSFORMER_CONFIG['num_attention_heads'] * TRANSFORMER_CONFIG['attention_head_dim']}: 16 image tokens), and the word-level `ToyTextEncoder`.
+  {TRANSFORMER_CONFIG['patch_size']}, width {TRANSFORMER_CONFIG['num_attention_heads'] * TRANSFORMER_CONFIG['attention_head_dim']}: {(LATENT_SIZE // TRANSFORMER_CONFIG['patch_size']) ** 2} image tokens), and the word-level `ToyTextEncoder`.
 - {size / 2**20:.1f} MB of safetensors in all.
 
 ## How it was produced

@@ -14,7 +14,6 @@ VAE's config like SD3's.
 """
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,14 +51,6 @@ def decode(vae, latents):
     return ((vae.decode(latents.to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
 
 
-def render_batch(metas_by_tag, batch_size, rng):
-    metas = []
-    for _ in range(batch_size):
-        metas_of_tag = metas_by_tag[TAGS[rng.integers(len(TAGS))]]
-        metas.append(metas_of_tag[rng.integers(len(metas_of_tag))])
-    return torch.from_numpy(np.stack([render_prompt(meta, rng) for meta in metas])), metas
-
-
 @torch.no_grad()
 def reconstruction_accuracy(vae, metas, rng, per_prompt=1):
     """Strict GenEval accuracy of the detector on decode(encode(render)) of each prompt, and the
@@ -91,6 +82,8 @@ class Args:
 
 
 def main(args: Args):
+    from common.toy.pretrain import sample_batch, warmup_cosine  # pretrain imports this module
+
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     train, test = split_prompts()
@@ -99,10 +92,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
 
     def lr_at(step):
-        if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, args.lr, args.warmup_steps, args.steps, floor=0.02)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +101,7 @@ def main(args: Args):
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        images, _ = render_batch(train_by_tag, args.batch_size, rng)
+        images, _ = sample_batch(train_by_tag, args.batch_size, rng)
         x = images * 2 - 1
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -135,7 +125,7 @@ def main(args: Args):
     # the latent statistics that make the sampled space ~unit variance (SD3 stores the same two)
     vae.eval()
     with torch.no_grad():
-        images, _ = render_batch(train_by_tag, 1024, rng)
+        images, _ = sample_batch(train_by_tag, 1024, rng)
         means = torch.cat([vae.encode(images[i:i + 256] * 2 - 1).latent_dist.mean for i in range(0, 1024, 256)])
     vae.register_to_config(shift_factor=float(means.mean()), scaling_factor=float(1 / means.std()))
     check = {split: reconstruction_accuracy(vae, metas, rng, per_prompt=2)[0]
